@@ -1,0 +1,87 @@
+"""``compile`` and ``uncompile``: put a schedule into a model, and take it out again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from luvc.errors import CompileError
+from luvc.fx.passes import insert_transforms, verify
+from luvc.fx.trace import StackGraphModule, trace_stack
+from luvc.models import ModelAdapter, find_adapter
+from luvc.schedules import Schedule, load_schedule
+from luvc.schedules.loader import ScheduleLike
+
+
+@dataclass(frozen=True)
+class CompileRecord:
+    """Everything ``compile`` changed, kept on the model as ``model._luvc``."""
+
+    schedule: Schedule
+    adapter: ModelAdapter
+    graph: StackGraphModule
+    undo: dict
+    state_keys: tuple[str, ...]
+
+
+def compile(model: nn.Module, schedule: ScheduleLike) -> nn.Module:  # noqa: A001 - the product's verb
+    """Apply a compression schedule to ``model`` in place and return it.
+
+    Everything is validated before anything changes: on error the model is
+    untouched. Afterwards the model's own ``forward`` and ``generate`` run
+    through the compiled stack graph (``model.luvc_graph``); weights are never
+    modified, and ``luvc.uncompile`` restores the original exactly.
+
+    Args:
+        model: a supported Hugging Face VLM (see ``luvc plugins``).
+        schedule: anything ``luvc.load_schedule`` accepts.
+
+    Raises:
+        ScheduleError: the schedule is invalid or does not fit this model.
+        UnsupportedModelError: no adapter handles this architecture.
+        CompileError: the model is already compiled, or cannot be.
+    """
+    if getattr(model, "_luvc", None) is not None:
+        raise CompileError(
+            f"this {type(model).__name__} is already compiled with {model._luvc.schedule.name!r}\n"
+            "  call luvc.uncompile(model) first"
+        )
+    resolved = load_schedule(schedule)
+    adapter = find_adapter(model)
+    adapter.check(model)
+    graph = insert_transforms(trace_stack(adapter.stack_nodes(model)), resolved)
+    verify(graph, resolved)
+    state_keys = tuple(model.state_dict().keys())
+    undo = adapter.install(model, graph)
+    model.__dict__["luvc_graph"] = graph
+    model._luvc = CompileRecord(resolved, adapter, graph, undo, state_keys)
+    return model
+
+
+def uncompile(model: nn.Module) -> nn.Module:
+    """Undo ``compile`` in place and return the model.
+
+    Raises:
+        CompileError: the model is not compiled, or could not be fully restored.
+    """
+    record: CompileRecord | None = getattr(model, "_luvc", None)
+    if record is None:
+        raise CompileError(f"this {type(model).__name__} is not compiled with luvc; nothing to undo")
+    record.adapter.uninstall(model, record.undo)
+    del model._luvc
+    model.__dict__.pop("luvc_graph", None)
+    leftovers = [name for name, m in model.named_modules() if type(m).__name__.startswith("Luvc")]
+    if leftovers or tuple(model.state_dict().keys()) != record.state_keys:
+        raise CompileError(f"uncompile left luvc modules behind: {leftovers[:5]}")
+    return model
+
+
+def ledger(model: nn.Module) -> list:
+    """The token ledger of the model's last prefill: visual tokens entering each node."""
+    if getattr(model, "_luvc", None) is None:
+        raise CompileError("the model is not compiled with luvc, so it keeps no token ledger")
+    for module in model.modules():
+        if "luvc_ledger" in module.__dict__:
+            return module.__dict__["luvc_ledger"]
+    return []

@@ -1,0 +1,150 @@
+"""Graph passes: lower a schedule into a stack graph, verify it, split it for execution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from luvc.errors import ScheduleError
+from luvc.fx.nodes import TransformNode
+from luvc.fx.trace import StackGraphModule, attach
+from luvc.registry import get_registry
+from luvc.schedules import Schedule, params_of
+from luvc.schedules.placement import resolve_positions
+
+
+@dataclass(frozen=True)
+class Insertion:
+    stage: str
+    position: int
+    step_index: int
+    transform: str
+
+
+def block_nodes(gm: fx.GraphModule, site: str) -> list[fx.Node]:
+    """The block nodes of one stack, in order (the projector / final norm excluded)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get("site") == site
+            and n.meta.get("kind") == "block"]
+
+
+def stack_exit(gm: fx.GraphModule, site: str) -> fx.Node:
+    """The node right after a stack's last block (projector or final norm)."""
+    return next(n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get("site") == site
+                and n.meta.get("kind") == "io")
+
+
+def insert_transforms(gm: StackGraphModule, schedule: Schedule) -> StackGraphModule:
+    """Insert one transform node per scheduled (step, position), before its block.
+
+    Steps at the same position run in schedule order. Each transform's
+    ``bind`` sees its occurrence number within its stage, in running order.
+
+    Raises:
+        ScheduleError: a position is out of range for this model.
+    """
+    registry = get_registry()
+    for stage in ("vision", "llm"):
+        blocks = block_nodes(gm, stage)
+        plan: list[Insertion] = []
+        for i, step in enumerate(getattr(schedule, stage)):
+            for pos in resolve_positions(schedule, stage, i, len(blocks)):
+                plan.append(Insertion(stage, pos, i, step.transform))
+        plan.sort(key=lambda ins: (ins.position, ins.step_index))
+        occurrences: dict[str, int] = {}
+        for ins in plan:
+            spec = registry.transforms[ins.transform]
+            k = occurrences.get(ins.transform, 0)
+            occurrences[ins.transform] = k + 1
+            params = spec.bind(params_of(getattr(schedule, stage)[ins.step_index]), k)
+            target = f"{stage}.transforms.{ins.transform}_{k}"
+            attach(gm, target, TransformNode(spec, params, target))
+            before = blocks[ins.position] if ins.position < len(blocks) else stack_exit(gm, stage)
+            upstream = before.args[0]
+            with gm.graph.inserting_before(before):
+                node = gm.graph.call_module(target, (upstream,))
+            node.meta.update(site=stage, kind="transform", index=ins.position, transform=ins.transform,
+                             step=ins.step_index, params=params)
+            before.replace_input_with(upstream, node)
+        _mark_key_capture(gm, stage)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _mark_key_capture(gm: fx.GraphModule, stage: str) -> None:
+    """Ask each vision block that feeds a transform to keep its attention keys."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.meta.get("kind") == "transform" and stage == "vision":
+            feeder = node.args[0]
+            if isinstance(feeder, fx.Node) and feeder.op == "call_module" and feeder.meta.get("kind") == "block":
+                gm.get_submodule(feeder.target).capture_keys = True
+
+
+def verify(gm: fx.GraphModule, schedule: Schedule) -> None:
+    """Prove the schedule's claims on this graph, for any input size.
+
+    If ``eliminate_visual`` is set, some transform that ``eliminates`` every
+    visual token must run before the final decoder layer; as no transform adds
+    tokens, the final layer then sees none, whatever the image sizes.
+
+    Raises:
+        ScheduleError: the claim does not hold, naming where zero is reached.
+    """
+    if not schedule.eliminate_visual:
+        return
+    layers = block_nodes(gm, "llm")
+    eliminated_at = None
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.meta.get("site") != "llm":
+            continue
+        module = gm.get_submodule(node.target)
+        if node.meta["kind"] == "transform" and module.spec.eliminates(module.params):
+            eliminated_at = node.meta["index"]
+            break
+    if eliminated_at is None or eliminated_at > len(layers) - 1:
+        raise ScheduleError(
+            f"claims to eliminate visual tokens, but they are not all gone before the last of the "
+            f"{len(layers)} decoder layers",
+            source=schedule.source, line=schedule.line_of("eliminate_visual"), key="eliminate_visual",
+            hint=f"place a step with keep: 0.0 at a layer <= {len(layers) - 1}",
+        )
+
+
+def section(gm: fx.GraphModule, site: str) -> fx.GraphModule:
+    """An executable graph of one site's nodes, sharing ``gm``'s modules."""
+    graph = fx.Graph()
+    value = graph.placeholder("state")
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.meta.get("site") == site:
+            value = graph.call_module(node.target, (value,))
+            value.meta.update(node.meta)
+    graph.output(value)
+    return fx.GraphModule(gm, graph, class_name=f"Luvc{site.capitalize()}Section")
+
+
+def plan_counts(gm: fx.GraphModule, grids: list[tuple[int, int, int]], unit: int,
+                text_tokens: int = 0) -> list[tuple[str, int]]:
+    """Statically predicted visual tokens entering each node, for one sample's images.
+
+    ``grids`` are the images' unit grids; the vision rows count all images'
+    tokens, the LLM rows the visual tokens of the sample.
+    """
+    rows: list[tuple[str, int]] = []
+    visual = None
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if node.meta["site"] == "vision":
+            rows.append((node.target, sum(t * h * w for t, h, w in grids) * unit))
+            if node.meta["kind"] == "transform":
+                grids = [module.spec.plan(module.params, g) for g in grids]
+            elif node.meta["kind"] == "io":
+                visual = sum(t * h * w for t, h, w in grids)
+        else:
+            visual = visual if visual is not None else sum(t * h * w for t, h, w in grids)
+            rows.append((node.target, visual))
+            if node.meta["kind"] == "transform":
+                visual = module.spec.plan(module.params, visual)
+    return rows

@@ -1,0 +1,42 @@
+"""What a model-family adapter provides. One adapter module per family holds all
+of that family's assumptions: where the stacks are, how blocks are called on a
+token state, and how placeholders and positions are rebuilt."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+from luvc.fx.nodes import StackNode
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """A model family's glue, registered through ``luvc_model_adapters``.
+
+    Vision block nodes returned by ``stack_nodes`` have a ``capture_keys``
+    attribute: when the lowering pass sets it, the block stores its attention
+    keys on the state for the merge that follows.
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter handles ``model``."""
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ``CompileError`` if this model instance cannot be compiled (e.g. an
+        attention implementation the adapter cannot mask)."""
+
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        """Vision blocks, projector, decoder layers and final norm as named leaf nodes,
+        in running order; names look like ``vision.blocks.3`` and ``llm.layers.0``."""
+
+    def install(self, model: nn.Module, graph: nn.Module) -> dict:
+        """Route the model's own ``forward`` (and so ``generate``) through ``graph``;
+        return what ``uninstall`` needs to undo it exactly."""
+
+    def uninstall(self, model: nn.Module, record: dict) -> None:
+        """Undo ``install``."""

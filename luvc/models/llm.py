@@ -1,0 +1,168 @@
+"""Decoder-stack glue shared by adapters of decoder-only language models.
+
+Pruning makes every layer's sequence (and KV cache) its own length, so the
+masks are built here per layer from which keys are real, instead of by the
+model from one 2-D attention mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from luvc.errors import CompileError
+from luvc.fx.nodes import StackNode
+from luvc.state import LedgerRow, LLMState
+
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+@dataclass
+class CacheRecord:
+    """What decoding needs beyond the KV tensors, attached to the cache as ``luvc_record``.
+
+    Attributes:
+        key_valid: per layer index, [B, K] which cached keys are real tokens.
+        next_position: [B] position id of the next token of each row.
+    """
+
+    key_valid: dict[int, Tensor] = field(default_factory=dict)
+    next_position: Tensor | None = None
+
+
+def check_attention(config) -> None:
+    """Refuse attention implementations whose masks luvc cannot build."""
+    impl = config._attn_implementation
+    if impl not in SUPPORTED_ATTENTION:
+        raise CompileError(
+            f"attn_implementation {impl!r} is not supported by luvc\n"
+            f"  use one of {', '.join(SUPPORTED_ATTENTION)} (luvc never needs attention weights)"
+        )
+    if getattr(config, "use_sliding_window", False):
+        raise CompileError(
+            "the language model uses sliding-window attention, which luvc's per-layer masks do not implement\n"
+            "  set config.use_sliding_window = False or leave the model uncompiled"
+        )
+
+
+def attention_mask(key_valid: Tensor, q_len: int, impl: str, dtype: torch.dtype) -> Tensor:
+    """The mask for ``q_len`` newest tokens attending to keys ``key_valid`` [B, K].
+
+    Causal, padding keys hidden; a padding query sees itself so no row is
+    empty (an all-masked row would put NaN into the cache).
+    """
+    if impl == "flash_attention_2":
+        return key_valid.to(torch.int32)  # rows are left-padded: FlashAttention's varlen path handles it
+    k_len = key_valid.shape[1]
+    q_pos = torch.arange(k_len - q_len, k_len, device=key_valid.device)[:, None]
+    k_pos = torch.arange(k_len, device=key_valid.device)[None, :]
+    allowed = (key_valid[:, None, :] & (k_pos <= q_pos)) | (k_pos == q_pos)
+    allowed = allowed[:, None]  # [B, 1, q, K]
+    if impl == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+class DecoderLayerNode(StackNode):
+    """One decoder layer, called on an ``LLMState``."""
+
+    site = "llm"
+
+    def __init__(self, layer: nn.Module, index: int, rotary: nn.Module) -> None:
+        super().__init__()
+        self.block = layer
+        self.index = index
+        self.rotary = [rotary]  # a list keeps the shared rotary module out of this node's children
+
+    def forward(self, state: LLMState) -> LLMState:
+        hidden = state.hidden
+        if not state.decoding:
+            state.log.append(LedgerRow(f"llm.layers.{self.index}", "llm", state.visual_counts()))
+        layer_idx = self.block.self_attn.layer_idx
+        record = getattr(state.cache, "luvc_record", None)
+        past = record.key_valid.get(layer_idx) if record is not None else None
+        key_valid = state.valid if past is None else torch.cat([past, state.valid], dim=1)
+        if record is not None:
+            record.key_valid[layer_idx] = key_valid
+        masks = state.scratch.setdefault("masks", {})
+        key = id(past)
+        if key not in masks:
+            impl = self.block.self_attn.config._attn_implementation
+            masks[key] = (past, attention_mask(key_valid, hidden.shape[1], impl, hidden.dtype))
+        if "rope" not in state.scratch:
+            state.scratch["rope"] = self.rotary[0](hidden, state.position_ids)
+        hidden = self.block(
+            hidden,
+            attention_mask=masks[key][1],
+            position_embeddings=state.scratch["rope"],
+            position_ids=None,
+            past_key_values=state.cache,
+            use_cache=state.cache is not None,
+        )
+        return _with_hidden(state, hidden)
+
+
+class FinalNormNode(StackNode):
+    """The language model's final norm; its input is the last layer's output."""
+
+    site = "llm"
+    kind = "io"
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.block = norm
+
+    def forward(self, state: LLMState) -> LLMState:
+        if not state.decoding:
+            state.log.append(LedgerRow("llm.norm", "llm", state.visual_counts()))
+        return _with_hidden(state, self.block(state.hidden))
+
+
+def _with_hidden(state: LLMState, hidden: Tensor) -> LLMState:
+    """Same tokens, new hidden states: masks and rotary stay valid."""
+    return dataclasses.replace(state, hidden=hidden)
+
+
+def right_align(keep: Tensor) -> Tensor:
+    """[B, W] gather indices of the kept tokens of each row, order kept, padding first."""
+    width = int(keep.sum(dim=1).max()) if keep.numel() else 0
+    return torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - width:]
+
+
+def placeholder_keep(is_placeholder: Tensor, before: list[int], after: list[int]) -> Tensor:
+    """[B, S] mask keeping, of each item's run of placeholders, the first ``after[i]``.
+
+    Items (images or videos) are numbered in reading order over the batch;
+    ``before[i]`` is how many placeholders item ``i`` has in the input.
+
+    Raises:
+        ValueError: the input's placeholders do not add up to ``sum(before)``.
+    """
+    flat = is_placeholder.reshape(-1)
+    total = int(flat.sum())
+    if total != sum(before):
+        raise ValueError(
+            f"the input has {total} placeholder tokens but its grids describe {sum(before)}; "
+            "pass the processor's input_ids and grids unchanged"
+        )
+    ordinal = torch.cumsum(flat.long(), 0) - 1
+    starts = torch.tensor([0] + before, device=flat.device).cumsum(0)
+    item = torch.bucketize(ordinal, starts[1:], right=True)
+    local = ordinal - starts[item.clamp(max=len(before) - 1)]
+    quota = torch.tensor(after + [0], device=flat.device)[item.clamp(max=len(before))]
+    keep = ~flat | (local < quota)
+    return keep.view_as(is_placeholder)
+
+
+def scatter_to_caller(state: LLMState, length: int) -> Tensor:
+    """[B, length, D] hidden states at the caller's positions; zeros where no token survives."""
+    batch, _, dim = state.hidden.shape
+    out = state.hidden.new_zeros(batch, length, dim)
+    rows, cols = state.valid.nonzero(as_tuple=True)
+    out[rows, state.source[rows, cols]] = state.hidden[rows, cols]
+    return out

@@ -1,0 +1,125 @@
+"""The plugin manager: loads built-ins and entry points, indexes what they offer."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pluggy
+
+from luvc.errors import PluginError
+from luvc.registry import hookspecs
+from luvc.registry.spec import TransformSpec
+
+ENTRY_POINT_GROUP = "luvc"
+AUTOLOAD_ENV = "LUVC_DISABLE_PLUGIN_AUTOLOAD"
+
+#: Registered like any third-party plugin, in this order (pytest's default_plugins).
+BUILTIN_PLUGINS = (
+    "luvc.transforms.orthogonal_merge",
+    "luvc.transforms.spectrum_prune",
+    "luvc.models.qwen2_vl",
+    "luvc.schedules.presets",
+)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a registered plugin comes from, for listings and error messages."""
+
+    name: str
+    distribution: str
+    version: str
+
+
+class Registry:
+    """Everything plugins registered: transforms, model adapters, presets."""
+
+    def __init__(self, autoload: bool = True) -> None:
+        self.pm = pluggy.PluginManager("luvc")
+        self.pm.add_hookspecs(hookspecs)
+        for module_name in BUILTIN_PLUGINS:
+            module = __import__(module_name, fromlist=["_"])
+            self.pm.register(module, name=module_name)
+        if autoload:
+            self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        self.transforms = self._collect_unique("luvc_transforms", lambda spec: spec.name)
+        self.adapters = [a for _, items in self._per_plugin("luvc_model_adapters") for a in items]
+        presets = self._collect_unique("luvc_schedule_presets", None)
+        self.presets: dict[str, Path] = {name: Path(path) for name, path in presets.items()}
+
+    def plugins(self) -> list[PluginInfo]:
+        """Every registered plugin with its distribution and version."""
+        dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
+        infos = []
+        for name, plugin in self.pm.list_name_plugin():
+            dist = dists.get(id(plugin))
+            if dist is None:
+                infos.append(PluginInfo(name, "luvc (built-in)", _luvc_version()))
+            else:
+                infos.append(PluginInfo(name, dist.project_name, dist.version))
+        return infos
+
+    def plugin_of(self, transform_name: str) -> str:
+        """The name of the plugin that registered ``transform_name``."""
+        return self._owner[transform_name]
+
+    def _per_plugin(self, hook_name: str) -> list[tuple[str, object]]:
+        caller = getattr(self.pm.hook, hook_name)
+        results = []
+        for impl in caller.get_hookimpls():
+            try:
+                value = impl.function()
+            except Exception as exc:  # a broken plugin must be named, not buried
+                raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {exc}") from exc
+            if value is not None:
+                results.append((impl.plugin_name, value))
+        return results
+
+    def _collect_unique(self, hook_name: str, key_of) -> dict:
+        collected: dict = {}
+        owners: dict[str, str] = {}
+        for plugin_name, items in self._per_plugin(hook_name):
+            pairs = items.items() if isinstance(items, dict) else ((key_of(item), item) for item in items)
+            for key, item in pairs:
+                if hook_name == "luvc_transforms" and not isinstance(item, TransformSpec):
+                    raise PluginError(
+                        f"plugin {plugin_name!r} returned {type(item).__name__} from luvc_transforms; "
+                        "return luvc.registry.TransformSpec objects"
+                    )
+                if key in collected:
+                    raise PluginError(
+                        f"{hook_name}: name {key!r} is registered by both {owners[key]!r} and {plugin_name!r}; "
+                        "uninstall one of them or rename the transform"
+                    )
+                collected[key] = item
+                owners[key] = plugin_name
+        if hook_name == "luvc_transforms":
+            self._owner = owners
+        return collected
+
+
+def _luvc_version() -> str:
+    from luvc import __version__
+
+    return __version__
+
+
+@functools.cache
+def _cached_registry(autoload: bool) -> Registry:
+    return Registry(autoload=autoload)
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use.
+
+    Set ``LUVC_DISABLE_PLUGIN_AUTOLOAD=1`` to skip third-party entry points.
+    """
+    return _cached_registry(not os.environ.get(AUTOLOAD_ENV))
+
+
+def reset_registry() -> None:
+    """Forget the loaded registry so the next ``get_registry`` rebuilds it."""
+    _cached_registry.cache_clear()

@@ -1,0 +1,47 @@
+"""What a plugin hands the registry for one transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+Site = Literal["vision", "llm"]
+
+
+def _unchanged(params: Any, occurrence: int) -> Any:
+    return params
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """A registered transform: a params model plus pure functions of token state.
+
+    Attributes:
+        name: The name schedules use, e.g. ``spectrum_prune``.
+        site: ``vision`` (runs between vision-encoder blocks on a
+            ``VisionState``) or ``llm`` (runs before decoder layers on an
+            ``LLMState``).
+        params: Pydantic model validating the schedule entry's ``params``.
+        run: ``run(state, params) -> state``; never mutates its input.
+        plan: Static count rule. For ``llm`` transforms ``plan(params, n)``
+            is the visual tokens left of ``n`` arriving; for ``vision``
+            transforms ``plan(params, (t, h, w))`` is the unit grid after.
+        eliminates: ``eliminates(params)`` is True when the step leaves no
+            visual token whatever arrives; the verifier relies on it to prove
+            a schedule reaches zero for any input size.
+        bind: ``bind(params, occurrence)`` fixes per-occurrence choices when
+            the schedule is lowered (OIM alternates its axis this way).
+        summary: One line for listings.
+    """
+
+    name: str
+    site: Site
+    params: type[BaseModel]
+    run: Callable[[Any, Any], Any]
+    plan: Callable[[Any, Any], Any]
+    eliminates: Callable[[Any], bool] = field(default=lambda params: False)
+    bind: Callable[[Any, int], Any] = field(default=_unchanged)
+    summary: str = ""

@@ -1,0 +1,117 @@
+"""Token states that flow through a compiled stack, and the token ledger.
+
+The graph passes one state object from node to node. Transforms return a new
+state and never mutate the one they were given; the ledger (``log``) is the
+one shared, append-only record of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LedgerRow:
+    """Visual tokens entering one graph node, per image (vision) or sample (llm).
+
+    Transform rows also give ``removed``, the tokens the transform took away
+    (merged into neighbours or dropped), and the transform's name.
+    """
+
+    node: str
+    site: str
+    visual: list[int]
+    removed: list[int] = field(default_factory=list)
+    transform: str | None = None
+
+
+@dataclass(frozen=True)
+class VisionState:
+    """Visual tokens inside the vision encoder, image after image.
+
+    Each image's tokens are laid out ``(t, h, w, unit)``: a ``t x h x w`` grid of
+    *units*, each unit ``unit`` consecutive tokens (the 2x2 patch blocks a
+    Qwen-style merger consumes; 1 where there is no merger). Merging acts on
+    whole units, so the projector always receives what it can consume.
+    """
+
+    hidden: Tensor  # [N, D]
+    sizes: Tensor  # [N] float32: original patches each token stands for
+    positions: Tensor  # [N, 2] float32: size-weighted mean (row, col) patch coordinate
+    grids: tuple[tuple[int, int, int], ...]  # per image: (t, h, w) in units
+    unit: int
+    keys: Tensor | None = None  # [N, Dk] similarity metric captured from the last block
+    decoding = False
+    log: list[LedgerRow] = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)  # adapter's per-state cache (rotary, cu_seqlens)
+    site = "vision"
+
+    def replace(self, **changes) -> VisionState:
+        """A new state with ``changes``; the adapter's cache is dropped, the ledger shared."""
+        return dataclasses.replace(self, scratch={}, **changes)
+
+    def tokens_per_image(self) -> list[int]:
+        return [t * h * w * self.unit for t, h, w in self.grids]
+
+
+@dataclass(frozen=True)
+class LLMState:
+    """The language model's sequence, padded to a rectangle.
+
+    Rows are kept right-aligned (padding on the left) so the last position of
+    every row is its newest token.
+    """
+
+    hidden: Tensor  # [B, S, D]
+    valid: Tensor  # [B, S] bool: not padding
+    visual: Tensor  # [B, S] bool: a visual token
+    position_ids: Tensor  # [P, B, S] long: the model's own (M-RoPE: P = 3) positions, never renumbered
+    source: Tensor  # [B, S] long: index in the caller's sequence, -1 for padding
+    cache: object | None = None  # the model's KV cache, each layer holding only what it kept
+    decoding: bool = False  # True after prefill: new tokens only, the ledger is not written
+    log: list[LedgerRow] = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)  # adapter's per-state cache (masks, rotary)
+    site = "llm"
+
+    def replace(self, **changes) -> LLMState:
+        """A new state with ``changes``; the adapter's cache is dropped, the ledger shared."""
+        return dataclasses.replace(self, scratch={}, **changes)
+
+    def visual_counts(self) -> list[int]:
+        return (self.visual & self.valid).sum(dim=1).tolist()
+
+
+def compact(state: LLMState, keep: Tensor) -> LLMState:
+    """Keep the tokens where ``keep`` is True, order preserved, rows right-aligned.
+
+    Args:
+        state: the sequence before.
+        keep: [B, S] bool; padding is dropped whatever it says.
+    """
+    keep = keep & state.valid
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if counts.numel() else 0
+    # A stable sort puts dropped tokens first and kept ones last, in order.
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - width:]
+    valid = torch.gather(keep, 1, order)
+
+    def take(t: Tensor, lead: int) -> Tensor:
+        index = order.view((1,) * lead + tuple(order.shape) + (1,) * (t.dim() - lead - 2))
+        return torch.gather(t, lead + 1, index.expand(*t.shape[:lead], *order.shape, *t.shape[lead + 2:]))
+
+    return state.replace(
+        hidden=take(state.hidden, 0),
+        valid=valid,
+        visual=torch.gather(state.visual, 1, order) & valid,
+        position_ids=take(state.position_ids, 1),
+        source=torch.where(valid, torch.gather(state.source, 1, order), -1),
+    )
+
+
+def round_half_up(x: float) -> int:
+    """``round`` without banker's rounding, so keep counts are predictable."""
+    return int(x + 0.5)

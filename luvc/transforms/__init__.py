@@ -1,0 +1,1 @@
+"""Built-in token transforms: each module a params model, pure tensor functions, and a hook."""

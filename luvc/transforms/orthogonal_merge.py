@@ -1,0 +1,183 @@
+"""Orthogonal Iterative Merging (OIM): shrink each image's grid inside the vision encoder.
+
+LUVC (arXiv 2512.09010), OIM. Between vision-encoder blocks, neighbouring
+tokens are merged along one spatial axis, then (at the next step) the other:
+within every row (or column), tokens at even positions form set A and tokens at
+odd positions set B; each A token is matched to its more similar *adjacent* B
+token by the attention keys of the preceding block (ToMe's bipartite soft
+matching restricted to neighbours, so a merged token covers a contiguous
+region), and the ``r`` best-matching pairs per line are merged by a
+size-weighted average. Every line loses the same ``r`` tokens, so each image
+stays a rectangle and every later block, and the projector, runs on fewer
+tokens.
+
+Choices the paper leaves open, made here:
+
+* Merging acts on whole *units* (the 2x2 blocks Qwen2-VL's patch merger
+  consumes): a unit is merged with a neighbouring unit sub-token by sub-token,
+  and units are matched by their mean key. The projector therefore always
+  receives whole units, and the LLM sees a smaller but regular grid.
+* ``r = min(round(ratio * length), length // 2, length - min_size)`` per line.
+* A merged token's rotary position is the size-weighted mean of the patch
+  positions it covers; its ``size`` (patches it stands for) re-weights
+  attention through the values (see the model adapter), so FlashAttention
+  still works.
+* Before the first block there are no keys; the patch embeddings themselves
+  are the similarity metric there.
+* ``axis: alternate`` merges width at the 1st, 3rd, ... occurrence in a
+  schedule and height at the 2nd, 4th, ...; frames of a video are merged
+  independently (no temporal merging).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from luvc.registry import TransformSpec, hookimpl
+from luvc.state import VisionState, round_half_up
+
+
+class OIMParams(BaseModel):
+    """Parameters of one orthogonal merge step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ratio: float = Field(
+        0.25, gt=0.0, le=0.5, description="fraction of a line's units merged away per step, at most 0.5"
+    )
+    axis: Literal["alternate", "width", "height"] = Field(
+        "alternate", description="which axis shrinks: alternate starts with width and flips at each occurrence"
+    )
+    min_size: int = Field(2, ge=1, description="never shrink an axis below this many units")
+
+
+def merges_per_line(length: int, params: OIMParams) -> int:
+    """How many units one line of ``length`` units loses at this step."""
+    return max(0, min(round_half_up(params.ratio * length), length // 2, length - params.min_size))
+
+
+def plan_grid(params: OIMParams, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The ``(t, h, w)`` unit grid after one step (``params.axis`` must be bound)."""
+    t, h, w = grid
+    if params.axis == "width":
+        return t, h, w - merges_per_line(w, params)
+    return t, h - merges_per_line(h, params), w
+
+
+def neighbor_merge(
+    x: Tensor, metric: Tensor, sizes: Tensor, positions: Tensor, r: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge ``r`` tokens into an adjacent token in every line.
+
+    Args:
+        x: [R, W, U, D] lines of W units of U sub-tokens.
+        metric: [R, W, M] similarity features of each unit.
+        sizes: [R, W, U] patches each sub-token stands for.
+        positions: [R, W, U, 2] mean patch coordinates.
+        r: units merged away per line, ``0 <= r <= W // 2``.
+
+    Returns:
+        ``(x, sizes, positions)`` with W - r units per line, order kept;
+        sum of ``sizes * x`` and of ``sizes`` per line are unchanged.
+    """
+    lines, width = metric.shape[:2]
+    if r == 0:
+        return x, sizes, positions
+    device = x.device
+    a_idx = torch.arange(0, width, 2, device=device)
+    m = F.normalize(metric.float(), dim=-1)
+    left, right = a_idx - 1, a_idx + 1
+    neg_inf = torch.tensor(float("-inf"), device=device)
+    sim_left = (m[:, a_idx] * m[:, left.clamp(min=0)]).sum(-1).where(left >= 0, neg_inf)
+    sim_right = (m[:, a_idx] * m[:, right.clamp(max=width - 1)]).sum(-1).where(right < width, neg_inf)
+    best = torch.maximum(sim_left, sim_right)
+    dst = torch.where(sim_right >= sim_left, right, left).expand(lines, -1)
+    chosen = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]  # [R, r] into a_idx
+    src_pos = a_idx[chosen]
+    dst_pos = dst.gather(1, chosen)
+
+    w = sizes.float()
+    weighted = torch.cat([x.float() * w[..., None], positions * w[..., None], w[..., None]], dim=-1)
+    feat = weighted.shape[-1]
+    unit = weighted.shape[2]
+
+    def lines_index(pos: Tensor) -> Tensor:
+        return pos[:, :, None, None].expand(lines, r, unit, feat)
+
+    moved = weighted.gather(1, lines_index(src_pos))
+    merged = weighted.scatter_add(1, lines_index(dst_pos), moved)
+    keep = torch.ones(lines, width, dtype=torch.bool, device=device)
+    keep.scatter_(1, src_pos, False)
+    kept = keep.nonzero()[:, 1].view(lines, width - r)
+    merged = merged.gather(1, kept[:, :, None, None].expand(lines, width - r, unit, feat))
+    dim = x.shape[-1]
+    new_sizes = merged[..., -1]
+    new_x = (merged[..., :dim] / new_sizes[..., None]).to(x.dtype)
+    new_pos = merged[..., dim:dim + 2] / new_sizes[..., None]
+    return new_x, new_sizes, new_pos
+
+
+def orthogonal_merge(state: VisionState, params: OIMParams) -> VisionState:
+    """One OIM step over every image of ``state`` along ``params.axis`` (bound)."""
+    metric_src = state.keys if state.keys is not None else state.hidden
+    pieces: dict[str, list[Tensor]] = {"x": [], "s": [], "p": [], "k": []}
+    grids = []
+    start = 0
+    for grid in state.grids:
+        t, h, w = grid
+        n = t * h * w * state.unit
+        view = slice(start, start + n)
+        start += n
+        new_grid = plan_grid(params, grid)
+        grids.append(new_grid)
+        shape = (t, h, w, state.unit)
+        x = state.hidden[view].reshape(*shape, -1)
+        s = state.sizes[view].reshape(shape)
+        p = state.positions[view].reshape(*shape, 2)
+        k = metric_src[view].reshape(*shape, -1).float().mean(dim=3)
+        if params.axis == "height":  # lines run down the columns
+            x, s, p, k = (v.transpose(1, 2) for v in (x, s, p, k))
+        lines = x.shape[0] * x.shape[1]
+        r = merges_per_line(x.shape[2], params)
+        x, s, p = neighbor_merge(
+            x.reshape(lines, x.shape[2], state.unit, -1), k.reshape(lines, k.shape[2], -1),
+            s.reshape(lines, -1, state.unit), p.reshape(lines, -1, state.unit, 2), r,
+        )
+        x = x.reshape(t, -1, x.shape[1], state.unit, x.shape[-1])
+        s = s.reshape(t, -1, s.shape[1], state.unit)
+        p = p.reshape(t, -1, p.shape[1], state.unit, 2)
+        if params.axis == "height":
+            x, s, p = (v.transpose(1, 2) for v in (x, s, p))
+        pieces["x"].append(x.reshape(-1, x.shape[-1]))
+        pieces["s"].append(s.reshape(-1))
+        pieces["p"].append(p.reshape(-1, 2))
+    return state.replace(
+        hidden=torch.cat(pieces["x"]), sizes=torch.cat(pieces["s"]), positions=torch.cat(pieces["p"]),
+        grids=tuple(grids), keys=None,
+    )
+
+
+def _bind(params: OIMParams, occurrence: int) -> OIMParams:
+    if params.axis != "alternate":
+        return params
+    return params.model_copy(update={"axis": "width" if occurrence % 2 == 0 else "height"})
+
+
+@hookimpl
+def luvc_transforms() -> list[TransformSpec]:
+    return [
+        TransformSpec(
+            name="orthogonal_merge",
+            site="vision",
+            params=OIMParams,
+            run=orthogonal_merge,
+            plan=plan_grid,
+            bind=_bind,
+            summary="OIM: merge neighbouring units along rows, then columns, keeping each image a grid",
+        )
+    ]

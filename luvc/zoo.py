@@ -1,0 +1,118 @@
+"""Named model configs with random weights, and inputs built from real images.
+
+No weights are downloaded: every model here is built from its config, which
+exercises the real transformers code paths at any size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
+
+CONFIGS: dict[str, dict] = {
+    # Small enough for property tests: 4 vision blocks, 4 decoder layers.
+    "qwen2-vl-tiny": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                          "rope_theta": 10000.0}),
+        vision=dict(depth=4, embed_dim=32, num_heads=4, mlp_ratio=2),
+    ),
+    # The demo's model: Qwen2-VL-2B's shape ratios at a size a laptop CPU runs in seconds.
+    "qwen2-vl-demo": dict(
+        text=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6,
+                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12],
+                                                          "rope_theta": 1000000.0}),
+        vision=dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4),
+    ),
+}
+
+
+def qwen2_vl_config(name: str = "qwen2-vl-tiny", **text_overrides) -> Qwen2VLConfig:
+    """A ``Qwen2VLConfig`` for one of ``CONFIGS`` (vocabulary of 512 ids, 14 px patches)."""
+    spec = CONFIGS[name]
+    text = dict(vocab_size=512, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                **spec["text"])
+    text.update(text_overrides)
+    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  hidden_size=text["hidden_size"], **spec["vision"])
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                         video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                         vision_end_token_id=VISION_END)
+
+
+def build_qwen2_vl(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> Qwen2VLForConditionalGeneration:
+    """A randomly initialised Qwen2-VL in eval mode."""
+    config = qwen2_vl_config(name)
+    config._attn_implementation = attn
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval().to(dtype)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def sample_image(name: str = "astronaut") -> np.ndarray:
+    """A real photograph bundled with scikit-image, as an RGB uint8 array."""
+    from skimage import data
+
+    image = getattr(data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return image[..., :3]
+
+
+def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Sequence[int]] = ((10, 11, 12),),
+               pixels: int = 224 * 224, videos: Sequence[Sequence[np.ndarray]] = ()) -> dict:
+    """Processor-style inputs for a batch: sample ``i`` has ``images[i]`` (a list, maybe
+    empty), then ``videos[i]`` (a list of ``[frames, H, W, 3]`` arrays), then ``prompts[i]``.
+
+    Each image or video is wrapped in vision start/end tokens with one
+    placeholder per LLM token; rows are left-padded with id 0. Returns
+    ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the pixel
+    tensors and grids, as the Qwen2-VL processor would.
+    """
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=pixels)
+    out: dict = {}
+    rows: list[list[int]] = [[1] for _ in prompts]
+    for kind, per_sample, token in (("image", images, IMAGE_TOKEN), ("video", videos, VIDEO_TOKEN)):
+        items = [(i, item) for i, sample in enumerate(per_sample) for item in sample]
+        if not items:
+            continue
+        if kind == "image":
+            feats = processor(images=[item for _, item in items], return_tensors="pt")
+            out["pixel_values"], grid = feats["pixel_values"], feats["image_grid_thw"]
+            out["image_grid_thw"] = grid
+        else:
+            frames = [processor(images=list(v), return_tensors="pt") for _, v in items]
+            out["pixel_values_videos"] = torch.cat([_as_video(f) for f in frames])
+            grid = torch.tensor([[len(v) // 2, *f["image_grid_thw"][0, 1:].tolist()]
+                                 for (_, v), f in zip(items, frames)])
+            out["video_grid_thw"] = grid
+        for (i, _), g in zip(items, grid.tolist()):
+            rows[i] += [VISION_START] + [token] * (g[0] * g[1] * g[2] // 4) + [VISION_END]
+    for row, prompt in zip(rows, prompts):
+        row += list(prompt)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    out["input_ids"] = ids
+    out["attention_mask"] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+    return out
+
+
+def _as_video(features) -> torch.Tensor:
+    """Pair consecutive frames' patches into temporal patches (temporal_patch_size 2)."""
+    pv = features["pixel_values"]
+    t, h, w = len(features["image_grid_thw"]), *features["image_grid_thw"][0, 1:].tolist()
+    per = pv.view(t, h * w, 3, 2, -1)[:, :, :, 0]  # each frame's first temporal copy
+    pairs = per.view(t // 2, 2, h * w, 3, -1).permute(0, 2, 3, 1, 4)
+    return pairs.reshape((t // 2) * h * w, -1)
