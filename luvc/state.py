@@ -27,6 +27,7 @@ class LedgerRow:
     visual: list[int]
     removed: list[int] = field(default_factory=list)
     transform: str | None = None
+    text: list[int] = field(default_factory=list)  # llm rows: text tokens per sample
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,13 @@ class LLMState:
 
     def visual_counts(self) -> list[int]:
         return (self.visual & self.valid).sum(dim=1).tolist()
+
+    def text_counts(self) -> list[int]:
+        return (~self.visual & self.valid).sum(dim=1).tolist()
+
+    def ledger_row(self, node: str) -> LedgerRow:
+        """This state's counts as the ledger row of ``node``."""
+        return LedgerRow(node, "llm", self.visual_counts(), text=self.text_counts())
 
 
 def compact(state: LLMState, keep: Tensor) -> LLMState:

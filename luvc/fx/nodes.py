@@ -39,12 +39,15 @@ class TransformNode(StackNode):
         out = self.spec.run(state, self.params)
         if not state.decoding:
             before, after = _counts(state), _counts(out)
-            state.log.append(LedgerRow(self.label, self.site, before, [b - a for b, a in zip(before, after)],
-                                       transform=self.spec.name))
+            row = state.ledger_row(self.label) if self.site == "llm" else LedgerRow(self.label, self.site, before)
+            row.removed = [b - a for b, a in zip(before, after)]
+            row.transform = self.spec.name
+            state.log.append(row)
         return out
 
     def extra_repr(self) -> str:
-        return f"{self.spec.name}: {self.params!r}"
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{self.spec.name}({fields})"
 
 
 def _counts(state) -> list[int]:

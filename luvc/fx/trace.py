@@ -18,6 +18,10 @@ class StackGraphModule(fx.GraphModule):
     """A ``GraphModule`` over stack nodes; ``print`` shows code and a node table."""
 
     def __str__(self) -> str:
+        return self.code.strip() + "\n\n" + self.nodes_table()
+
+    def nodes_table(self) -> str:
+        """One line per node: site, kind, target, and the transform's params or the block's class."""
         rows = []
         for node in self.graph.nodes:
             if node.op != "call_module":
@@ -26,7 +30,7 @@ class StackGraphModule(fx.GraphModule):
             block = getattr(module, "block", module)
             detail = module.extra_repr() if module.kind == "transform" else type(block).__name__
             rows.append(f"  {node.meta.get('site', module.site):6s} {module.kind:9s} {node.target:40s} {detail}")
-        return self.code.strip() + "\n\n# nodes\n" + "\n".join(rows)
+        return "# nodes\n" + "\n".join(rows)
 
 
 class StackTracer(fx.Tracer):

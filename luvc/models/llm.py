@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
-from luvc.state import LedgerRow, LLMState
+from luvc.state import LLMState
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
@@ -82,7 +82,7 @@ class DecoderLayerNode(StackNode):
     def forward(self, state: LLMState) -> LLMState:
         hidden = state.hidden
         if not state.decoding:
-            state.log.append(LedgerRow(f"llm.layers.{self.index}", "llm", state.visual_counts()))
+            state.log.append(state.ledger_row(f"llm.layers.{self.index}"))
         layer_idx = self.block.self_attn.layer_idx
         record = getattr(state.cache, "luvc_record", None)
         past = record.key_valid.get(layer_idx) if record is not None else None
@@ -119,7 +119,7 @@ class FinalNormNode(StackNode):
 
     def forward(self, state: LLMState) -> LLMState:
         if not state.decoding:
-            state.log.append(LedgerRow("llm.norm", "llm", state.visual_counts()))
+            state.log.append(state.ledger_row("llm.norm"))
         return _with_hidden(state, self.block(state.hidden))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,8 @@ class PluginInfo:
 class Registry:
     """Everything plugins registered: transforms, model adapters, presets."""
 
-    def __init__(self, autoload: bool = True) -> None:
+    def __init__(self, autoload: bool = True, extra: Sequence[object] = ()) -> None:
+        """Register the built-ins, then entry points (if ``autoload``), then ``extra`` plugin objects."""
         self.pm = pluggy.PluginManager("luvc")
         self.pm.add_hookspecs(hookspecs)
         for module_name in BUILTIN_PLUGINS:
@@ -45,6 +47,8 @@ class Registry:
             self.pm.register(module, name=module_name)
         if autoload:
             self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for plugin in extra:
+            self.pm.register(plugin)
         self.transforms = self._collect_unique("luvc_transforms", lambda spec: spec.name)
         self.adapters = [a for _, items in self._per_plugin("luvc_model_adapters") for a in items]
         presets = self._collect_unique("luvc_schedule_presets", None)
@@ -82,13 +86,15 @@ class Registry:
         collected: dict = {}
         owners: dict[str, str] = {}
         for plugin_name, items in self._per_plugin(hook_name):
+            if hook_name == "luvc_transforms":
+                for item in items:
+                    if not isinstance(item, TransformSpec):
+                        raise PluginError(
+                            f"plugin {plugin_name!r} returned {type(item).__name__} from luvc_transforms; "
+                            "return luvc.registry.TransformSpec objects"
+                        )
             pairs = items.items() if isinstance(items, dict) else ((key_of(item), item) for item in items)
             for key, item in pairs:
-                if hook_name == "luvc_transforms" and not isinstance(item, TransformSpec):
-                    raise PluginError(
-                        f"plugin {plugin_name!r} returned {type(item).__name__} from luvc_transforms; "
-                        "return luvc.registry.TransformSpec objects"
-                    )
                 if key in collected:
                     raise PluginError(
                         f"{hook_name}: name {key!r} is registered by both {owners[key]!r} and {plugin_name!r}; "

@@ -40,10 +40,10 @@ def load_schedule(schedule: ScheduleLike) -> Schedule:
     presets = get_registry().presets
     if schedule in presets:
         return _from_file(presets[schedule], source=f"preset:{schedule}")
+    if "\n" in schedule or (":" in schedule and not schedule.endswith((".yaml", ".yml"))):
+        return _from_text(schedule, source="<yaml>")
     if schedule.endswith((".yaml", ".yml")) or Path(schedule).is_file():
         return _from_file(Path(schedule))
-    if "\n" in schedule or ":" in schedule:
-        return _from_text(schedule, source="<yaml>")
     close = difflib.get_close_matches(schedule, presets, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ScheduleError(

@@ -72,6 +72,13 @@ class Schedule(BaseModel):
     _source: str = PrivateAttr(default="<schedule>")
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when they say the same thing, wherever they were loaded from."""
+        return isinstance(other, Schedule) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(self.model_dump_json())
+
     def to_yaml(self) -> str:
         """The schedule as YAML text; ``load_schedule`` of it gives an equal schedule."""
         data = self.model_dump(mode="json")

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random-weight Qwen2-VL models and processor-style inputs. No hub access."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from luvc.zoo import build_qwen2_vl, sample_image, vlm_inputs
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh tiny Qwen2-VL (4 vision blocks, 4 decoder layers), SDPA attention."""
+    return build_qwen2_vl("qwen2-vl-tiny")
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    return sample_image("astronaut")
+
+
+@pytest.fixture(scope="session")
+def coffee() -> np.ndarray:
+    return sample_image("coffee")
+
+
+@pytest.fixture(scope="session")
+def single_image_inputs(astronaut) -> dict:
+    """One sample, one 224x224 image (16x16 patches, 64 LLM tokens)."""
+    return vlm_inputs([[astronaut]], prompts=[(10, 11, 12, 13)])
+
+
+@pytest.fixture(scope="session")
+def mixed_batch_inputs(astronaut, coffee) -> dict:
+    """Three left-padded samples: one image; two images of other sizes; a 4-frame video."""
+    video = np.stack([sample_image("chelsea")[:200, :200]] * 4)
+    return vlm_inputs(
+        [[astronaut], [coffee[:150, :300], astronaut[:100, :200]], []],
+        prompts=[(10, 11), (12, 13, 14, 15, 16), (20,)],
+        videos=[[], [], [video]],
+        pixels=160 * 160,
+    )
+
+
+def greedy_without_cache(model, inputs: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding by re-running the whole prompt each step (no KV cache)."""
+    inputs = dict(inputs)
+    tokens = []
+    for _ in range(steps):
+        nxt = model(**inputs, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+    return torch.cat(tokens, 1)
+
+
+def generate(model, inputs: dict, steps: int = 4) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=steps, do_sample=False)[:, -steps:]

@@ -1,0 +1,142 @@
+"""Compiled Qwen2-VL against the uncompiled one: exact identity, KV-cache decoding, batches, undo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import generate, greedy_without_cache
+
+import luvc
+from luvc import CompileError, ScheduleError, UnsupportedModelError
+from luvc.zoo import build_qwen2_vl
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_identity_reproduces_logits_and_generate(attn, mixed_batch_inputs):
+    """With no transform, logits (at real tokens) match in fp32 and greedy generation is identical."""
+    model = build_qwen2_vl(attn=attn)
+    ref_logits = model(**mixed_batch_inputs).logits
+    ref_tokens = generate(model, mixed_batch_inputs)
+    luvc.compile(model, "identity")
+    logits = model(**mixed_batch_inputs).logits
+    real = mixed_batch_inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, mixed_batch_inputs), ref_tokens)
+
+
+def test_identity_in_bf16(single_image_inputs):
+    model = build_qwen2_vl(dtype=torch.bfloat16)
+    inputs = dict(single_image_inputs, pixel_values=single_image_inputs["pixel_values"].bfloat16())
+    ref = generate(model, inputs)
+    luvc.compile(model, "identity")
+    assert torch.equal(generate(model, inputs), ref)
+
+
+@pytest.mark.parametrize("schedule", ["luvc-default", "luvc-mild", "luvc-aggressive"])
+def test_cached_generate_matches_recomputing_the_prompt(schedule, mixed_batch_inputs, tiny_model):
+    """Each layer caches only what it kept: decoding with the cache equals re-running the full prompt."""
+    luvc.compile(tiny_model, schedule)
+    cached = generate(tiny_model, mixed_batch_inputs)
+    assert torch.equal(cached, greedy_without_cache(tiny_model, mixed_batch_inputs, 4))
+
+
+def test_compressed_generate_in_bf16(mixed_batch_inputs):
+    model = build_qwen2_vl(dtype=torch.bfloat16)
+    inputs = {k: (v.bfloat16() if k.startswith("pixel") else v) for k, v in mixed_batch_inputs.items()}
+    luvc.compile(model, "luvc-default")
+    out = generate(model, inputs)
+    assert out.shape == (3, 4)
+    assert luvc.ledger(model)[-1].visual == [0, 0, 0]
+
+
+def test_ledger_accounts_for_every_visual_token(mixed_batch_inputs, tiny_model):
+    """Per sample, LLM visual tokens at entry = tokens at the final layer + everything the transforms removed."""
+    luvc.compile(tiny_model, "luvc-default")
+    logits = tiny_model(**mixed_batch_inputs).logits
+    rows = [r for r in luvc.ledger(tiny_model) if r.site == "llm"]
+    first, last = rows[0].visual, rows[-1].visual
+    removed = [sum(r.removed[b] for r in rows if r.transform) for b in range(3)]
+    assert [f - rm for f, rm in zip(first, removed)] == last == [0, 0, 0]
+    assert len({tuple(r.text) for r in rows}) == 1, "text tokens are never dropped"
+    assert logits.shape[:2] == mixed_batch_inputs["input_ids"].shape, "logits keep the caller's layout"
+    vision_rows = [r for r in luvc.ledger(tiny_model) if r.site == "vision" and r.node.startswith("vision.blocks")]
+    assert all(a >= b for r, s in zip(vision_rows, vision_rows[1:]) for a, b in zip(r.visual, s.visual)
+               if len(r.visual) == len(s.visual))
+
+
+def test_merged_grid_reaches_the_llm(single_image_inputs, tiny_model):
+    """After OIM, the LLM receives t*h'*w' tokens of the merged grid (fewer than the 64 placeholders)."""
+    luvc.compile(tiny_model, "luvc-default")
+    features = tiny_model.model.get_image_features(single_image_inputs["pixel_values"],
+                                                   single_image_inputs["image_grid_thw"])
+    t, h, w = features.luvc_grid_thw[0].tolist()
+    assert features.pooler_output[0].shape[0] == t * h * w // 4 < 64
+    tiny_model(**single_image_inputs)
+    assert [r.visual for r in luvc.ledger(tiny_model) if r.site == "llm"][0] == [t * h * w // 4]
+
+
+def test_uncompile_restores_outputs_and_structure(single_image_inputs, tiny_model):
+    ref = tiny_model(**single_image_inputs).logits
+    keys = list(tiny_model.state_dict())
+    classes = {name: type(m) for name, m in tiny_model.named_modules()}
+    luvc.compile(tiny_model, "luvc-default")
+    assert not torch.allclose(tiny_model(**single_image_inputs).logits[0, -1], ref[0, -1])
+    luvc.uncompile(tiny_model)
+    assert torch.equal(tiny_model(**single_image_inputs).logits, ref)
+    assert list(tiny_model.state_dict()) == keys
+    assert {name: type(m) for name, m in tiny_model.named_modules()} == classes
+    assert not hasattr(tiny_model, "luvc_graph") and getattr(tiny_model, "_luvc", None) is None
+
+
+def test_compile_twice_and_uncompile_uncompiled_are_errors(tiny_model):
+    luvc.compile(tiny_model, "identity")
+    with pytest.raises(CompileError, match=r"luvc.uncompile\(model\) first"):
+        luvc.compile(tiny_model, "luvc-default")
+    luvc.uncompile(tiny_model)
+    with pytest.raises(CompileError, match="not compiled"):
+        luvc.uncompile(tiny_model)
+
+
+def test_failed_compile_leaves_the_model_untouched(tiny_model):
+    classes = {name: type(m) for name, m in tiny_model.named_modules()}
+    bad = {"name": "deep", "llm": [{"transform": "spectrum_prune", "at": 9, "params": {"keep": 0.0}}]}
+    with pytest.raises(ScheduleError, match="layer 9 is out of range"):
+        luvc.compile(tiny_model, bad)
+    assert {name: type(m) for name, m in tiny_model.named_modules()} == classes
+    assert getattr(tiny_model, "_luvc", None) is None
+
+
+def test_unsupported_model_lists_supported_families():
+    with pytest.raises(UnsupportedModelError, match=r"no adapter for Linear[\s\S]*qwen2_vl[\s\S]*luvc_model_adapters"):
+        luvc.compile(torch.nn.Linear(2, 2), "identity")
+
+
+def test_unsupported_attention_is_refused(tiny_model):
+    tiny_model.model.language_model.config._attn_implementation = "flex_attention"
+    with pytest.raises(CompileError, match="flex_attention"):
+        luvc.compile(tiny_model, "identity")
+
+
+def test_text_only_prompt_runs_through_the_compiled_model(tiny_model):
+    ids = torch.tensor([[1, 5, 6, 7]])
+    ref = tiny_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    luvc.compile(tiny_model, "luvc-default")
+    assert torch.equal(tiny_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_gpu_identity_and_compressed_generate(attn, mixed_batch_inputs):
+    """On CUDA (bf16): identity matches, compressed generation works with FlashAttention too."""
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    model = build_qwen2_vl(attn=attn, dtype=torch.bfloat16).cuda()
+    inputs = {k: (v.bfloat16() if k.startswith("pixel") else v).cuda() for k, v in mixed_batch_inputs.items()}
+    ref = generate(model, inputs)
+    luvc.compile(model, "identity")
+    assert torch.equal(generate(model, inputs), ref)
+    luvc.uncompile(model)
+    luvc.compile(model, "luvc-default")
+    assert generate(model, inputs).shape == ref.shape
+    assert luvc.ledger(model)[-1].visual == [0, 0, 0]

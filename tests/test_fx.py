@@ -1,0 +1,50 @@
+"""The FX stack graph: blocks as leaves, transforms inserted where the schedule says, claims verified."""
+
+from __future__ import annotations
+
+import pytest
+import torch.fx as fx
+
+import luvc
+from luvc import ScheduleError, load_schedule
+from luvc.fx.passes import insert_transforms, verify
+from luvc.fx.trace import StackGraphModule
+
+
+def modules(graph: fx.GraphModule) -> list[str]:
+    return [n.target for n in graph.graph.nodes if n.op == "call_module"]
+
+
+def test_trace_has_one_leaf_per_block(tiny_model):
+    graph = luvc.trace(tiny_model)
+    assert isinstance(graph, StackGraphModule) and isinstance(graph, fx.GraphModule)
+    assert modules(graph) == [f"vision.blocks.{i}" for i in range(4)] + ["vision.merger"] + [
+        f"llm.layers.{i}" for i in range(4)] + ["llm.norm"]
+    assert graph.get_submodule("llm.layers.2").block is tiny_model.model.language_model.layers[2]
+
+
+def test_transforms_sit_where_the_schedule_says(tiny_model):
+    luvc.compile(tiny_model, {
+        "name": "placed", "eliminate_visual": True,
+        "vision": [{"transform": "orthogonal_merge", "at": [1, 4]}],
+        "llm": [{"transform": "spectrum_prune", "at": [0, 2], "params": {"keep": 0.5}},
+                {"transform": "spectrum_prune", "at": 3, "params": {"keep": 0.0}}],
+    })
+    order = modules(tiny_model.luvc_graph)
+    assert order.index("vision.transforms.orthogonal_merge_0") == order.index("vision.blocks.1") - 1
+    assert order.index("vision.transforms.orthogonal_merge_1") == order.index("vision.merger") - 1
+    assert order.index("llm.transforms.spectrum_prune_2") == order.index("llm.layers.3") - 1
+    axes = [tiny_model.luvc_graph.get_submodule(f"vision.transforms.orthogonal_merge_{k}").params.axis for k in (0, 1)]
+    assert axes == ["width", "height"], "alternate flips the axis at each occurrence"
+    assert tiny_model.luvc_graph.get_submodule("vision.blocks.0").capture_keys
+    text = str(tiny_model.luvc_graph)
+    assert "spectrum_prune(keep=0.0" in text and "def forward(self, state)" in text
+
+
+def test_verifier_rejects_a_graph_that_keeps_visual_tokens(tiny_model):
+    """The proof runs on the graph: a claim with no eliminating node in it fails, naming the depth."""
+    claim = load_schedule("luvc-default")
+    graph = insert_transforms(luvc.trace(tiny_model), load_schedule({
+        "name": "partial", "llm": [{"transform": "spectrum_prune", "at": 1, "params": {"keep": 0.5}}]}))
+    with pytest.raises(ScheduleError, match="not all gone before the last of the 4 decoder layers"):
+        verify(graph, claim)

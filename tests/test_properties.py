@@ -1,0 +1,82 @@
+"""Hypothesis over random schedules, image grids, batch sizes and padding, on a real Qwen2-VL.
+
+Properties: logits keep the caller's shape; the visual count never grows along
+either stack and is 0 at the final layer whenever the schedule claims so; text
+tokens all survive; and the runtime ledger equals the graph's static plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import luvc
+from luvc.fx.passes import plan_counts
+from luvc.zoo import build_qwen2_vl, sample_image, vlm_inputs
+
+MODEL = build_qwen2_vl()
+PHOTO = sample_image("astronaut")
+
+positions = st.one_of(st.integers(0, 3), st.floats(0.0, 0.7))
+vision_step = st.fixed_dictionaries({
+    "transform": st.just("orthogonal_merge"),
+    "at": st.one_of(st.integers(0, 4), st.floats(0.0, 1.0)),
+    "params": st.fixed_dictionaries({"ratio": st.floats(0.05, 0.5), "axis": st.sampled_from(["alternate", "width",
+                                                                                             "height"]),
+                                     "min_size": st.integers(1, 2)}),
+})
+llm_step = st.fixed_dictionaries({
+    "transform": st.just("spectrum_prune"),
+    "at": st.lists(positions, min_size=1, max_size=3),
+    "params": st.fixed_dictionaries({"keep": st.floats(0.05, 1.0), "axis": st.sampled_from(["hidden", "sequence"])}),
+})
+
+
+@st.composite
+def schedules(draw):
+    llm = draw(st.lists(llm_step, max_size=3))
+    eliminate = draw(st.booleans())
+    if eliminate:
+        llm.append({"transform": "spectrum_prune", "at": draw(st.integers(0, 3)), "params": {"keep": 0.0}})
+    return {"name": "random", "eliminate_visual": eliminate, "vision": draw(st.lists(vision_step, max_size=3)),
+            "llm": llm}
+
+
+crop = st.tuples(st.integers(28, 170), st.integers(28, 170))
+sample = st.tuples(st.lists(crop, max_size=2), st.lists(st.integers(10, 400), min_size=1, max_size=6))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=schedules(), batch=st.lists(sample, min_size=1, max_size=3))
+def test_compiled_stack_invariants(schedule, batch):
+    images = [[PHOTO[:h, :w] for h, w in crops] for crops, _ in batch]
+    inputs = vlm_inputs(images, prompts=[p for _, p in batch], pixels=96 * 96)
+    luvc.compile(MODEL, schedule)
+    try:
+        with torch.no_grad():
+            logits = MODEL(**inputs).logits
+        assert logits.shape[:2] == inputs["input_ids"].shape
+        ledger = luvc.ledger(MODEL)
+        llm_rows = [r for r in ledger if r.site == "llm"]
+        for b in range(len(batch)):
+            counts = [r.visual[b] for r in llm_rows]
+            assert counts == sorted(counts, reverse=True), "visual tokens never grow"
+            assert {r.text[b] for r in llm_rows} == {len(batch[b][1]) + 1 + 2 * len(batch[b][0])}, "text survives"
+            if schedule["eliminate_visual"]:
+                assert [r.visual[b] for r in llm_rows if r.node == "llm.layers.3"] == [0]
+            grids = [(1, h // 2, w // 2) for _, h, w in _grids_of(inputs, b, batch)]
+            planned = dict(plan_counts(MODEL.luvc_graph, grids, unit=4))
+            assert all(planned[r.node] == r.visual[b] for r in llm_rows), "runtime matches the static plan"
+        per_image = [r.visual for r in ledger if r.site == "vision"]
+        for before, after in zip(per_image, per_image[1:]):
+            if len(before) == len(after):
+                assert all(a <= b for b, a in zip(before, after))
+    finally:
+        luvc.uncompile(MODEL)
+
+
+def _grids_of(inputs, b, batch):
+    grid = inputs.get("image_grid_thw")
+    start = sum(len(crops) for crops, _ in batch[:b])
+    return [] if grid is None else grid[start:start + len(batch[b][0])].tolist()
