@@ -168,16 +168,19 @@ class Qwen2VLAdapter:
         from luvc.fx.passes import section
 
         inner = model.model
-        record = {"inner": type(inner), "attention": [(b.attn, type(b.attn)) for b in inner.visual.blocks]}
+        record = {"outer": type(model), "inner": type(inner),
+                  "attention": [(b.attn, type(b.attn)) for b in inner.visual.blocks]}
         for block in inner.visual.blocks:
             block.attn.__class__ = _sized(type(block.attn))
         inner.__class__ = _compiled(type(inner))
+        model.__class__ = _expanding(type(model))
         inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
         inner.rope_deltas = None
         return record
 
     def uninstall(self, model: nn.Module, record: dict) -> None:
         inner = model.model
+        model.__class__ = record["outer"]
         inner.__class__ = record["inner"]
         for attn, cls in record["attention"]:
             attn.__class__ = cls
@@ -194,6 +197,41 @@ def _sized(cls: type) -> type:
 @functools.cache
 def _compiled(cls: type) -> type:
     return type(f"Luvc{cls.__name__}", (CompiledQwen2VLModel, cls), {})
+
+
+@functools.cache
+def _expanding(cls: type) -> type:
+    return type(cls.__name__, (ExpandingGeneration, cls), {"__module__": cls.__module__})
+
+
+class ExpandingGeneration(Qwen2VLForConditionalGeneration):
+    """Repeats compressed vision outputs per sample for beams and ``num_return_sequences``.
+
+    ``generate`` groups the encoder outputs by sample by matching placeholder
+    counts, which OIM changes; here the groups come from the grids luvc keeps.
+    """
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        ids = {"image": self.config.image_token_id, "video": self.config.video_token_id}
+        m2 = self.config.vision_config.spatial_merge_size ** 2
+        for kind, out in mm_encoder_output.items():
+            if out is None or getattr(out, "luvc_source_grid_thw", None) is None:
+                continue
+            per_row = (input_ids == ids[kind]).sum(-1).tolist()
+            sizes = (out.luvc_source_grid_thw.prod(-1) // m2).tolist()
+            groups, start = [], 0
+            for need in per_row:
+                end = start
+                while need > 0:
+                    need -= sizes[end]
+                    end += 1
+                groups.append(list(range(start, end)))
+                start = end
+            order = [i for group in groups for _ in range(expand_size) for i in group]
+            out.pooler_output = [out.pooler_output[i] for i in order]
+            out.luvc_source_grid_thw = out.luvc_source_grid_thw[order]
+            out.luvc_grid_thw = out.luvc_grid_thw[order]
+        return mm_encoder_output
 
 
 class CompiledQwen2VLModel(hf.Qwen2VLModel):
@@ -235,6 +273,12 @@ class CompiledQwen2VLModel(hf.Qwen2VLModel):
                 inputs_embeds=None, use_cache=None, pixel_values=None, pixel_values_videos=None,
                 image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, mm_encoder_outputs=None,
                 **kwargs) -> BaseModelOutputWithPast:
+        wanted = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+        if wanted:
+            raise CompileError(
+                f"{', '.join(wanted)} is not available from a luvc-compiled model: each layer sees its own tokens\n"
+                "  read visual-token counts with luvc.ledger(model), or luvc.uncompile(model) first"
+            )
         record = getattr(past_key_values, "luvc_record", None)
         if record is not None:
             return self._luvc_decode(input_ids, inputs_embeds, attention_mask, past_key_values, record)

@@ -140,3 +140,22 @@ def test_gpu_identity_and_compressed_generate(attn, mixed_batch_inputs):
     luvc.compile(model, "luvc-default")
     assert generate(model, inputs).shape == ref.shape
     assert luvc.ledger(model)[-1].visual == [0, 0, 0]
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True)])
+def test_beams_and_multiple_sequences(options, mixed_batch_inputs, tiny_model):
+    """generate() expands the compressed vision outputs per sample; identity still matches exactly."""
+    torch.manual_seed(0)
+    ref = tiny_model.generate(**mixed_batch_inputs, max_new_tokens=3, **options)
+    luvc.compile(tiny_model, "identity")
+    torch.manual_seed(0)
+    assert torch.equal(tiny_model.generate(**mixed_batch_inputs, max_new_tokens=3, **options), ref)
+    luvc.uncompile(tiny_model)
+    luvc.compile(tiny_model, "luvc-default")
+    assert tiny_model.generate(**mixed_batch_inputs, max_new_tokens=3, **options).shape == ref.shape
+
+
+def test_per_layer_outputs_are_refused_not_faked(single_image_inputs, tiny_model):
+    luvc.compile(tiny_model, "luvc-default")
+    with pytest.raises(CompileError, match="output_hidden_states is not available"):
+        tiny_model(**single_image_inputs, output_hidden_states=True)

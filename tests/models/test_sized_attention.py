@@ -1,0 +1,42 @@
+"""Size-weighted vision attention equals proportional attention (a log-size bias on the logits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
+
+import luvc
+from luvc.zoo import build_qwen2_vl
+
+
+def reference(attn, hidden, cu_seqlens, rope, sizes):
+    """Eager attention with log(size) added to every key's logit, per cu_seqlens segment."""
+    seq = hidden.shape[0]
+    q, k, v = attn.qkv(hidden).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = hf.apply_rotary_pos_emb_vision(q, k, *rope)
+    outs = []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        logits = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling + sizes[a:b].log()
+        outs.append(torch.einsum("hqk,khd->qhd", logits.softmax(-1), v[a:b]))
+    return attn.proj(torch.cat(outs).reshape(seq, -1))
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_sized_attention_is_proportional_attention(attn_impl):
+    model = build_qwen2_vl(attn=attn_impl)
+    luvc.compile(model, "identity")
+    visual = model.model.visual
+    attn = visual.blocks[0].attn
+    torch.manual_seed(0)
+    hidden = torch.randn(20, visual.config.embed_dim)
+    positions = torch.rand(20, 2) * 6
+    rope = visual.rotary_pos_emb(hidden, positions)
+    cu_seqlens = torch.tensor([0, 12, 20], dtype=torch.int32)
+    sizes = torch.randint(1, 5, (20,)).float()
+    with torch.no_grad():
+        out = attn(hidden, cu_seqlens=cu_seqlens, position_embeddings=rope, luvc_sizes=sizes)
+        torch.testing.assert_close(out, reference(attn, hidden, cu_seqlens, rope, sizes), rtol=1e-4, atol=1e-5)
+        plain = attn(hidden, cu_seqlens=cu_seqlens, position_embeddings=rope)
+        ones = attn(hidden, cu_seqlens=cu_seqlens, position_embeddings=rope, luvc_sizes=torch.ones(20))
+    torch.testing.assert_close(ones, plain, rtol=1e-5, atol=1e-6)
