@@ -8,12 +8,12 @@
 
 __version__ = "0.1.0"
 
-from luvc.api import compile, ledger, uncompile  # noqa: E402
+from luvc.api import compile, ledger, lower, uncompile  # noqa: E402
 from luvc.errors import CompileError, LuvcError, PluginError, ScheduleError, UnsupportedModelError  # noqa: E402
 from luvc.fx.trace import trace  # noqa: E402
 from luvc.schedules import Schedule, Step, load_schedule  # noqa: E402
 
 __all__ = [
     "CompileError", "LuvcError", "PluginError", "Schedule", "ScheduleError", "Step", "UnsupportedModelError",
-    "__version__", "compile", "ledger", "load_schedule", "trace", "uncompile",
+    "__version__", "compile", "ledger", "load_schedule", "lower", "trace", "uncompile",
 ]

@@ -47,16 +47,30 @@ def compile(model: nn.Module, schedule: ScheduleLike) -> nn.Module:  # noqa: A00
             f"this {type(model).__name__} is already compiled with {model._luvc.schedule.name!r}\n"
             "  call luvc.uncompile(model) first"
         )
-    resolved = load_schedule(schedule)
-    adapter = find_adapter(model)
-    adapter.check(model)
-    graph = insert_transforms(trace_stack(adapter.stack_nodes(model)), resolved)
-    verify(graph, resolved)
+    resolved, adapter, graph = lower(model, schedule)
     state_keys = tuple(model.state_dict().keys())
     undo = adapter.install(model, graph)
     model.__dict__["luvc_graph"] = graph
     model._luvc = CompileRecord(resolved, adapter, graph, undo, state_keys)
     return model
+
+
+def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdapter, StackGraphModule]:
+    """Trace ``model``, insert the schedule's transforms and verify them, changing nothing.
+
+    This is everything ``compile`` checks; it also works on a model built on
+    the meta device, so schedules can be checked against models too large to
+    load.
+
+    Returns:
+        The loaded schedule, the model's adapter and the verified graph.
+    """
+    resolved = load_schedule(schedule)
+    adapter = find_adapter(model)
+    adapter.check(model)
+    graph = insert_transforms(trace_stack(adapter.stack_nodes(model)), resolved)
+    verify(graph, resolved)
+    return resolved, adapter, graph
 
 
 def uncompile(model: nn.Module) -> nn.Module:

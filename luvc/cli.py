@@ -1,11 +1,21 @@
-"""The ``luvc`` command line."""
+"""The ``luvc`` command line: the demo, and tools for schedules and plugins."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from luvc.errors import LuvcError
 
 app = typer.Typer(help="luvc: training-free visual-token compression for VLMs.", no_args_is_help=True,
                   add_completion=False)
+console = Console()
+errors = Console(stderr=True)
+
+MODEL_HELP = "built-in config (luvc.zoo: qwen2-vl-tiny, qwen2-vl-demo) or a local checkpoint directory"
 
 
 @app.callback()
@@ -26,6 +36,105 @@ def demo(
     from luvc.demo import run_demo
 
     run_demo(model, schedule, image, size * size, new_tokens, repeats)
+
+
+@app.command()
+def presets() -> None:
+    """List the preset schedules (built-in and from plugins), one line each."""
+    from luvc.registry import get_registry
+    from luvc.schedules import load_schedule
+
+    table = Table("preset", "description", title="Preset schedules (load by name)")
+    for name in sorted(get_registry().presets):
+        table.add_row(name, load_schedule(name).description)
+    console.print(table)
+
+
+@app.command()
+def plugins() -> None:
+    """Show the registered plugins, transforms and model adapters, and where each comes from."""
+    from luvc.registry import get_registry
+
+    registry = get_registry()
+    table = Table("plugin", "distribution", "version", title="Plugins")
+    for info in registry.plugins():
+        table.add_row(info.name, info.distribution, info.version)
+    console.print(table)
+    table = Table("transform", "site", "plugin", "what it does", title="Transforms")
+    for name, spec in sorted(registry.transforms.items()):
+        table.add_row(name, spec.site, registry.plugin_of(name), spec.summary)
+    console.print(table)
+    table = Table("adapter", "architectures", title="Model adapters")
+    for adapter in registry.adapters:
+        table.add_row(adapter.name, ", ".join(adapter.architectures))
+    console.print(table)
+
+
+@app.command()
+def validate(
+    schedule: str = typer.Argument(..., help="YAML file, preset name or YAML text"),
+    model: str | None = typer.Option(None, help=f"also check placement against a model: {MODEL_HELP}"),
+) -> None:
+    """Check a schedule: schema, transform names, parameters, and (with --model) depth and the zero claim.
+
+    Exits 1 with the error (file:line: key: problem, and the fix) when invalid.
+    """
+    import luvc
+
+    try:
+        loaded = luvc.load_schedule(Path(schedule) if Path(schedule).is_file() else schedule)
+        if model is not None:
+            luvc.lower(_load_model(model), loaded)
+    except (LuvcError, KeyError) as exc:
+        errors.print(f"[red]invalid[/]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    against = f" against {model}" if model else ""
+    console.print(f"[green]valid[/]: {loaded.name}{against}", highlight=False)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Option(..., help=MODEL_HELP),
+    schedule: str = typer.Option("luvc-default", help="preset name, YAML file or YAML text"),
+    size: str = typer.Option("448", help="image size in pixels: SIDE or HEIGHTxWIDTH"),
+    frames: int = typer.Option(1, help="video frames (1: a still image)"),
+) -> None:
+    """Show the compiled FX graph and the planned visual tokens entering each node for one input."""
+    import luvc
+    from luvc.fx.passes import plan_counts
+
+    height, _, width = size.partition("x")
+    try:
+        built = _load_model(model)
+        loaded, adapter, graph = luvc.lower(built, Path(schedule) if Path(schedule).is_file() else schedule)
+        grid, unit = adapter.input_grid(built, int(height), int(width or height), frames)
+    except (LuvcError, KeyError, ValueError) as exc:
+        errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(str(graph), soft_wrap=True, highlight=False)
+    table = Table("node", "visual tokens", title=f"{loaded.name} on {model}: one {size} px input, "
+                  f"grid t={grid[0]} h={grid[1]} w={grid[2]} units of {unit}")
+    for node, count in plan_counts(graph, [grid], unit):
+        table.add_row(node, str(count))
+    console.print(table)
+
+
+def _load_model(name: str):
+    """A model on the meta device (no memory, no weights) from a built-in config or a checkpoint's config."""
+    import torch
+
+    from luvc.zoo import CONFIGS, build_qwen2_vl
+
+    if name in CONFIGS:
+        return build_qwen2_vl(name, device="meta")
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise KeyError(f"unknown model {name!r}: not a built-in config ({', '.join(CONFIGS)}) "
+                       "nor a directory with config.json")
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
 
 
 if __name__ == "__main__":

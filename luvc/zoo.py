@@ -47,14 +47,17 @@ def qwen2_vl_config(name: str = "qwen2-vl-tiny", **text_overrides) -> Qwen2VLCon
 
 
 def build_qwen2_vl(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,
-                   dtype: torch.dtype = torch.float32) -> Qwen2VLForConditionalGeneration:
-    """A randomly initialised Qwen2-VL in eval mode."""
+                   dtype: torch.dtype = torch.float32, device: str = "cpu") -> Qwen2VLForConditionalGeneration:
+    """A randomly initialised Qwen2-VL in eval mode; ``device="meta"`` allocates nothing."""
+    if name not in CONFIGS:
+        raise KeyError(f"unknown model config {name!r}; built-in: {', '.join(CONFIGS)}")
     config = qwen2_vl_config(name)
     config._attn_implementation = attn
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval().to(dtype)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration(config).eval().to(dtype)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model

@@ -34,6 +34,12 @@ class ModelAdapter(Protocol):
         """Vision blocks, projector, decoder layers and final norm as named leaf nodes,
         in running order; names look like ``vision.blocks.3`` and ``llm.layers.0``."""
 
+    def input_grid(
+        self, model: nn.Module, height: int, width: int, frames: int = 1
+    ) -> tuple[tuple[int, int, int], int]:
+        """The ``(t, h, w)`` unit grid and tokens per unit the vision tower makes of an
+        image (``frames == 1``) or video of this size, as the family's processor resizes it."""
+
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
         """Route the model's own ``forward`` (and so ``generate``) through ``graph``;
         return what ``uninstall`` needs to undo it exactly."""

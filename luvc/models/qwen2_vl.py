@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.utils.generic import is_flash_attention_requested
 from transformers.vision_utils import get_vision_position_ids
 
@@ -163,6 +164,14 @@ class Qwen2VLAdapter:
         nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
         nodes.append(("llm.norm", FinalNormNode(lm.norm)))
         return nodes
+
+    def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1,
+                   max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[tuple[int, int, int], int]:
+        vision = model.config.vision_config
+        m, patch = vision.spatial_merge_size, vision.patch_size
+        h, w = smart_resize(height, width, factor=patch * m, max_pixels=max_pixels)
+        t = max(1, frames // vision.temporal_patch_size)
+        return (t, h // patch // m, w // patch // m), m * m
 
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
         from luvc.fx.passes import section

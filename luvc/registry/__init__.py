@@ -4,7 +4,17 @@ import pluggy
 
 hookimpl = pluggy.HookimplMarker("luvc")
 
-from luvc.registry.manager import PluginInfo, Registry, get_registry, reset_registry  # noqa: E402
+from luvc.registry.manager import (  # noqa: E402
+    PluginInfo,
+    Registry,
+    get_registry,
+    register_plugin,
+    reset_registry,
+    unregister_plugin,
+)
 from luvc.registry.spec import TransformSpec  # noqa: E402
 
-__all__ = ["PluginInfo", "Registry", "TransformSpec", "get_registry", "hookimpl", "reset_registry"]
+__all__ = [
+    "PluginInfo", "Registry", "TransformSpec", "get_registry", "hookimpl", "register_plugin", "reset_registry",
+    "unregister_plugin",
+]

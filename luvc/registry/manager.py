@@ -113,9 +113,28 @@ def _luvc_version() -> str:
     return __version__
 
 
+_EXTRA_PLUGINS: list[object] = []
+
+
 @functools.cache
 def _cached_registry(autoload: bool) -> Registry:
-    return Registry(autoload=autoload)
+    return Registry(autoload=autoload, extra=_EXTRA_PLUGINS)
+
+
+def register_plugin(plugin: object) -> None:
+    """Register a plugin object (module or instance with ``@hookimpl`` methods) in this process.
+
+    For notebooks and tests; packages should declare a ``luvc`` entry point
+    instead. The registry is rebuilt on next use, so clashes surface then.
+    """
+    _EXTRA_PLUGINS.append(plugin)
+    _cached_registry.cache_clear()
+
+
+def unregister_plugin(plugin: object) -> None:
+    """Undo ``register_plugin``."""
+    _EXTRA_PLUGINS.remove(plugin)
+    _cached_registry.cache_clear()
 
 
 def get_registry() -> Registry:

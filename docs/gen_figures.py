@@ -1,0 +1,26 @@
+"""Regenerate the docs' figures: `python docs/gen_figures.py` (planned counts, no weights needed)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import luvc
+from luvc.fx.passes import plan_counts
+from luvc.plots import tokens_per_block
+from luvc.zoo import build_qwen2_vl
+
+
+def main(out: Path = Path(__file__).parent / "img") -> list[Path]:
+    model = build_qwen2_vl("qwen2-vl-demo", device="meta")
+    series = {}
+    for name in ("identity", "luvc-mild", "luvc-default", "luvc-aggressive"):
+        _, adapter, graph = luvc.lower(model, name)
+        grid, unit = adapter.input_grid(model, 448, 448)
+        series[name] = plan_counts(graph, [grid], unit)
+    return [tokens_per_block(series, out / "tokens-per-layer.png",
+                             "Visual tokens per block: qwen2-vl-demo, one 448x448 image")]
+
+
+if __name__ == "__main__":
+    print(*main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "img"), sep="\n")
