@@ -8,11 +8,11 @@ from pathlib import Path
 import luvc
 from luvc.fx.passes import plan_counts
 from luvc.plots import tokens_per_block
-from luvc.zoo import build_qwen2_vl
+from luvc.zoo import build_model
 
 
 def main(out: Path = Path(__file__).parent / "img") -> list[Path]:
-    model = build_qwen2_vl("qwen2-vl-demo", device="meta")
+    model = build_model("qwen2-vl-demo", device="meta")
     series = {}
     for name in ("identity", "luvc-mild", "luvc-default", "luvc-aggressive"):
         _, adapter, graph = luvc.lower(model, name)

@@ -123,10 +123,10 @@ def _load_model(name: str):
     """A model on the meta device (no memory, no weights) from a built-in config or a checkpoint's config."""
     import torch
 
-    from luvc.zoo import CONFIGS, build_qwen2_vl
+    from luvc.zoo import CONFIGS, build_model
 
     if name in CONFIGS:
-        return build_qwen2_vl(name, device="meta")
+        return build_model(name, device="meta")
     path = Path(name)
     if not (path / "config.json").is_file():
         raise KeyError(f"unknown model {name!r}: not a built-in config ({', '.join(CONFIGS)}) "
@@ -135,6 +135,59 @@ def _load_model(name: str):
 
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+
+
+bench = typer.Typer(help="Benchmarks: schedules against identity, measured in the same run.", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+@bench.command("speed")
+def bench_speed(
+    model: str = typer.Option("qwen2-vl-2b", help="built-in config (qwen2-vl-2b, qwen2-vl-7b, qwen2-vl-demo, "
+                              "qwen2-vl-tiny) or a local checkpoint directory"),
+    schedule: list[str] = typer.Option(["luvc-default"], help="schedule to compare (repeatable); identity is "
+                                       "always measured as the reference"),
+    resolution: list[int] = typer.Option([448, 896, 1344], help="image side in px (repeatable)"),
+    frames: list[int] = typer.Option([], help="video frame counts (repeatable), at --video-size"),
+    video_size: int = typer.Option(448, help="video frame side in px"),
+    batch: int = typer.Option(1, help="samples per batch"),
+    layers: int | None = typer.Option(None, help="shrink the LLM to this many layers (quick runs)"),
+    vision_layers: int | None = typer.Option(None, help="shrink the vision encoder to this many blocks"),
+    repeats: int = typer.Option(3, help="timed repeats; medians reported with min-max"),
+    warmup: int = typer.Option(1, help="untimed warm-up calls before timing"),
+    new_tokens: int = typer.Option(8, help="decode steps timed for tokens/s"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16 (bfloat16 by default on cuda)"),
+    attn: str = typer.Option("sdpa", help="attention implementation: sdpa, eager or flash_attention_2"),
+    out: Path = typer.Option(Path("bench-out/speed"), help="folder for speed.json, speed.md and PNG plots"),
+) -> None:
+    """Measure FLOPs, prefill time, time to first token, decode speed and memory of each schedule."""
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from luvc.bench import report as reports
+    from luvc.bench.speed import BenchInput, environment, load_bench_model, run_speed, to_json
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    specs = [BenchInput(r, 0, batch) for r in resolution] + [BenchInput(video_size, f, batch) for f in frames]
+    try:
+        with console.status(f"building {model}"):
+            built = load_bench_model(model, layers, vision_layers, device, torch_dtype, attn)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console) as progress:
+            results = run_speed(built, schedule, specs, repeats, warmup, new_tokens, device, progress)
+    except (LuvcError, KeyError) as exc:
+        errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    depth = f"{built.config.text_config.num_hidden_layers} LLM layers, {built.config.vision_config.depth} vision blocks"
+    title = f"luvc bench speed: {model} ({depth}), {device}"
+    settings = {"schedules": schedule, "resolutions": resolution, "frames": frames, "batch": batch,
+                "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "layers": layers,
+                "vision_layers": vision_layers}
+    report = to_json(results, environment(device, torch_dtype, attn), model, settings)
+    console.print(reports.rich_table(results, title))
+    for path in reports.write(report, results, out, title):
+        console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from rich.table import Table
 
 import luvc
 from luvc.measure import Timing, count_flops, time_call
-from luvc.zoo import build_qwen2_vl, sample_image, vlm_inputs
+from luvc.zoo import build_model, sample_image, vlm_inputs
 
 
 @dataclass
@@ -72,7 +72,7 @@ def run_demo(model_name: str = "qwen2-vl-demo", schedule: str = "luvc-default", 
     console = console or Console()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with console.status(f"building {model_name} (random weights)"):
-        model = build_qwen2_vl(model_name)
+        model = build_model(model_name)
     inputs = vlm_inputs([[sample_image(image)]], prompts=[list(range(10, 26))], pixels=pixels)
     grid = inputs["image_grid_thw"][0].tolist()
     console.print(f"[bold]{model_name}[/]: image '{image}' -> {grid[1]}x{grid[2]} patches, "

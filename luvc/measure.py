@@ -8,7 +8,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+# torch's counter knows SDPA's CUDA kernels but not the CPU one, so CPU counts silently
+# dropped every attention FLOP; count it with the same formula as the CUDA kernels.
+_SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _SDPA_CPU not in flop_registry and _SDPA_CPU.default not in flop_registry:
+
+    @register_flop_formula(_SDPA_CPU)
+    def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

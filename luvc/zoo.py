@@ -10,7 +10,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
@@ -18,6 +23,7 @@ IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
 CONFIGS: dict[str, dict] = {
     # Small enough for property tests: 4 vision blocks, 4 decoder layers.
     "qwen2-vl-tiny": dict(
+        family="qwen2_vl",
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                           "rope_theta": 10000.0}),
@@ -25,39 +31,91 @@ CONFIGS: dict[str, dict] = {
     ),
     # The demo's model: Qwen2-VL-2B's shape ratios at a size a laptop CPU runs in seconds.
     "qwen2-vl-demo": dict(
+        family="qwen2_vl",
         text=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6,
                   num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12],
                                                           "rope_theta": 1000000.0}),
         vision=dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4),
     ),
+    # Real dimensions of Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct (their config.json), for speed runs.
+    "qwen2-vl-2b": dict(
+        family="qwen2_vl",
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                          "rope_theta": 1000000.0}, vocab_size=151936,
+                  tie_word_embeddings=True),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+    ),
+    "qwen2-vl-7b": dict(
+        family="qwen2_vl",
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                          "rope_theta": 1000000.0}, vocab_size=152064,
+                  tie_word_embeddings=False),
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+    ),
+    # Qwen2.5-VL: windowed vision attention (window 112 px) with full attention in a few blocks.
+    "qwen2.5-vl-tiny": dict(
+        family="qwen2_5_vl",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                          "rope_theta": 10000.0}),
+        vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, window_size=112,
+                    fullatt_block_indexes=[1, 3], tokens_per_second=2),
+    ),
+    "qwen2.5-vl-7b": dict(
+        family="qwen2_5_vl",
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                          "rope_theta": 1000000.0}, vocab_size=152064,
+                  tie_word_embeddings=False),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+    ),
+}
+
+FAMILIES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
 
 
-def qwen2_vl_config(name: str = "qwen2-vl-tiny", **text_overrides) -> Qwen2VLConfig:
-    """A ``Qwen2VLConfig`` for one of ``CONFIGS`` (vocabulary of 512 ids, 14 px patches)."""
-    spec = CONFIGS[name]
-    text = dict(vocab_size=512, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                **spec["text"])
-    text.update(text_overrides)
-    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                  hidden_size=text["hidden_size"], **spec["vision"])
-    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
-                         video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                         vision_end_token_id=VISION_END)
-
-
-def build_qwen2_vl(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,
-                   dtype: torch.dtype = torch.float32, device: str = "cpu") -> Qwen2VLForConditionalGeneration:
-    """A randomly initialised Qwen2-VL in eval mode; ``device="meta"`` allocates nothing."""
+def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_layers: int | None = None):
+    """The transformers config of one of ``CONFIGS`` (14 px patches); ``layers`` and
+    ``vision_layers`` shrink the depth of the LLM and of the vision encoder."""
     if name not in CONFIGS:
         raise KeyError(f"unknown model config {name!r}; built-in: {', '.join(CONFIGS)}")
-    config = qwen2_vl_config(name)
+    spec = CONFIGS[name]
+    text = dict(vocab_size=512, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text.update(spec["text"])
+    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **spec["vision"])
+    out_key = "out_hidden_size" if spec["family"] == "qwen2_5_vl" else "hidden_size"
+    vision[out_key] = text["hidden_size"]
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    if vision_layers is not None:
+        vision["depth"] = vision_layers
+        if "fullatt_block_indexes" in vision:
+            vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_layers] or [
+                vision_layers - 1]
+    tie = text.pop("tie_word_embeddings", True)
+    config_class = FAMILIES[spec["family"]][0]
+    return config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                        video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+
+
+def build_model(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,
+                dtype: torch.dtype = torch.float32, device: str = "cpu", layers: int | None = None,
+                vision_layers: int | None = None):
+    """A randomly initialised model of one of ``CONFIGS``, in eval mode; ``device="meta"`` allocates nothing."""
+    config = model_config(name, layers, vision_layers)
     config._attn_implementation = attn
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = attn
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen2VLForConditionalGeneration(config).eval().to(dtype)
+        model = FAMILIES[CONFIGS[name]["family"]][1](config).eval().to(dtype)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model
@@ -74,7 +132,8 @@ def sample_image(name: str = "astronaut") -> np.ndarray:
 
 
 def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Sequence[int]] = ((10, 11, 12),),
-               pixels: int = 224 * 224, videos: Sequence[Sequence[np.ndarray]] = ()) -> dict:
+               pixels: int = 224 * 224, videos: Sequence[Sequence[np.ndarray]] = (),
+               config=None) -> dict:
     """Processor-style inputs for a batch: sample ``i`` has ``images[i]`` (a list, maybe
     empty), then ``videos[i]`` (a list of ``[frames, H, W, 3]`` arrays), then ``prompts[i]``.
 
@@ -83,10 +142,14 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
     ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the pixel
     tensors and grids, as the Qwen2-VL processor would.
     """
+    image_token, video_token, start, end = IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END
+    if config is not None:
+        image_token, video_token = config.image_token_id, config.video_token_id
+        start, end = config.vision_start_token_id, config.vision_end_token_id
     processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=pixels)
     out: dict = {}
     rows: list[list[int]] = [[1] for _ in prompts]
-    for kind, per_sample, token in (("image", images, IMAGE_TOKEN), ("video", videos, VIDEO_TOKEN)):
+    for kind, per_sample, token in (("image", images, image_token), ("video", videos, video_token)):
         items = [(i, item) for i, sample in enumerate(per_sample) for item in sample]
         if not items:
             continue
@@ -101,14 +164,14 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
                                  for (_, v), f in zip(items, frames)])
             out["video_grid_thw"] = grid
         for (i, _), g in zip(items, grid.tolist()):
-            rows[i] += [VISION_START] + [token] * (g[0] * g[1] * g[2] // 4) + [VISION_END]
+            rows[i] += [start] + [token] * (g[0] * g[1] * g[2] // 4) + [end]
     for row, prompt in zip(rows, prompts):
         row += list(prompt)
     width = max(len(r) for r in rows)
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     out["input_ids"] = ids
     out["attention_mask"] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int()
+    out["mm_token_type_ids"] = (ids == image_token).int() + 2 * (ids == video_token).int()
     return out
 
 

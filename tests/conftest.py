@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from luvc.zoo import build_qwen2_vl, sample_image, vlm_inputs
+from luvc.zoo import build_model, sample_image, vlm_inputs
 
 torch.set_num_threads(2)
 
@@ -17,10 +17,19 @@ def _no_grad():
         yield
 
 
+#: Every supported family's tiny config: model-level tests run on each.
+FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def tiny_model():
-    """A fresh tiny Qwen2-VL (4 vision blocks, 4 decoder layers), SDPA attention."""
-    return build_qwen2_vl("qwen2-vl-tiny")
+def tiny_model(family):
+    """A fresh tiny model of each family (4 vision blocks, 4 decoder layers), SDPA attention."""
+    return build_model(family)
 
 
 @pytest.fixture(scope="session")

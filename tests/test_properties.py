@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import luvc
 from luvc.fx.passes import plan_counts
-from luvc.zoo import build_qwen2_vl, sample_image, vlm_inputs
+from luvc.zoo import build_model, sample_image, vlm_inputs
 
-MODEL = build_qwen2_vl()
+MODELS = {name: build_model(name) for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny")}
 PHOTO = sample_image("astronaut")
 
 positions = st.one_of(st.integers(0, 3), st.floats(0.0, 0.7))
@@ -47,17 +47,18 @@ crop = st.tuples(st.integers(28, 170), st.integers(28, 170))
 sample = st.tuples(st.lists(crop, max_size=2), st.lists(st.integers(10, 400), min_size=1, max_size=6))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(schedule=schedules(), batch=st.lists(sample, min_size=1, max_size=3))
-def test_compiled_stack_invariants(schedule, batch):
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(family=st.sampled_from(sorted(MODELS)), schedule=schedules(), batch=st.lists(sample, min_size=1, max_size=3))
+def test_compiled_stack_invariants(family, schedule, batch):
+    model = MODELS[family]
     images = [[PHOTO[:h, :w] for h, w in crops] for crops, _ in batch]
     inputs = vlm_inputs(images, prompts=[p for _, p in batch], pixels=96 * 96)
-    luvc.compile(MODEL, schedule)
+    luvc.compile(model, schedule)
     try:
         with torch.no_grad():
-            logits = MODEL(**inputs).logits
+            logits = model(**inputs).logits
         assert logits.shape[:2] == inputs["input_ids"].shape
-        ledger = luvc.ledger(MODEL)
+        ledger = luvc.ledger(model)
         llm_rows = [r for r in ledger if r.site == "llm"]
         for b in range(len(batch)):
             counts = [r.visual[b] for r in llm_rows]
@@ -66,14 +67,14 @@ def test_compiled_stack_invariants(schedule, batch):
             if schedule["eliminate_visual"]:
                 assert [r.visual[b] for r in llm_rows if r.node == "llm.layers.3"] == [0]
             grids = [(1, h // 2, w // 2) for _, h, w in _grids_of(inputs, b, batch)]
-            planned = dict(plan_counts(MODEL.luvc_graph, grids, unit=4))
+            planned = dict(plan_counts(model.luvc_graph, grids, unit=4))
             assert all(planned[r.node] == r.visual[b] for r in llm_rows), "runtime matches the static plan"
         per_image = [r.visual for r in ledger if r.site == "vision"]
         for before, after in zip(per_image, per_image[1:]):
             if len(before) == len(after):
                 assert all(a <= b for b, a in zip(before, after))
     finally:
-        luvc.uncompile(MODEL)
+        luvc.uncompile(model)
 
 
 def _grids_of(inputs, b, batch):

@@ -43,13 +43,13 @@ from luvc.registry import hookimpl
 from luvc.state import LedgerRow, LLMState, VisionState
 
 
-class SizedVisionAttention(hf.VisionAttention):
-    """Vision attention where a token of size ``s`` counts as ``s`` patches.
+class SizedVisionAttention:
+    """Mixin for Qwen-style vision attention: a token of size ``s`` counts as ``s`` patches.
 
     Proportional attention (softmax(qk) weighted by size) computed through the
-    values: attend to ``[s * v, s]`` and divide by the last channel. Queries
-    and keys are zero-padded to the same width, so every backend, FlashAttention
-    included, runs it unchanged.
+    values: attend to ``[s * v, s]`` and divide by the last channel. For
+    FlashAttention, which wants equal head dims, queries and keys are
+    zero-padded to the values' width, which leaves every logit unchanged.
     """
 
     def forward(self, hidden_states: Tensor, cu_seqlens: Tensor, position_embeddings=None,
@@ -60,14 +60,17 @@ class SizedVisionAttention(hf.VisionAttention):
         q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         q, k = hf.apply_rotary_pos_emb_vision(q, k, *position_embeddings)
         head_dim = q.shape[-1]
-        width = math.ceil((head_dim + 1) / 8) * 8
         s = luvc_sizes.to(v.dtype)[:, None, None].expand(seq, self.num_heads, 1)
-        v = F.pad(torch.cat([v * s, s], dim=-1), (0, width - head_dim - 1))
-        q, k = F.pad(q, (0, width - head_dim)), F.pad(k, (0, width - head_dim))
+        v = torch.cat([v * s, s], dim=-1)
+        flash = is_flash_attention_requested(self.config)
+        width = math.ceil((head_dim + 1) / 8) * 8 if flash else head_dim + 1
+        if flash:  # FlashAttention wants equal head dims: zero-pad q and k, which leaves q.k unchanged
+            v = F.pad(v, (0, width - head_dim - 1))
+            q, k = F.pad(q, (0, width - head_dim)), F.pad(k, (0, width - head_dim))
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
         common = dict(attention_mask=None, scaling=self.scaling, dropout=0.0, is_causal=False)
-        if is_flash_attention_requested(self.config):
+        if flash:
             if max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             out = attend(self, q, k, v, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
@@ -82,7 +85,7 @@ class SizedVisionAttention(hf.VisionAttention):
 
 
 class VisionBlockNode(StackNode):
-    """One vision block, called on a ``VisionState``."""
+    """One vision block, called on a ``VisionState`` with per-frame attention."""
 
     site = "vision"
 
@@ -98,12 +101,18 @@ class VisionBlockNode(StackNode):
         scratch = state.scratch
         if "cu_seqlens" not in scratch:
             seqlens = [h * w * state.unit for t, h, w in state.grids for _ in range(t)]
-            scratch["cu_seqlens"] = F.pad(torch.tensor(seqlens, device=state.hidden.device).cumsum(0), (1, 0)).to(
-                torch.int32)
+            scratch["cu_seqlens"] = _cumulative(seqlens, state.hidden.device)
             scratch["max_seqlen"] = max(seqlens)
             scratch["rope"] = self.visual[0].rotary_pos_emb(state.hidden, state.positions)
             scratch["sized"] = bool((state.sizes != 1).any())
-        extra = {"luvc_sizes": state.sizes} if scratch["sized"] else {}
+        hidden, keys = self._call(state.hidden, scratch["cu_seqlens"], scratch["max_seqlen"], scratch["rope"],
+                                  state.sizes if scratch["sized"] else None)
+        return dataclasses.replace(state, hidden=hidden, keys=keys)
+
+    def _call(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int, rope,
+              sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Run the block; return its output and, if asked for, its attention keys (mean over heads)."""
+        extra = {"luvc_sizes": sizes} if sizes is not None else {}
         captured: list[Tensor] = []
         hook = None
         if self.capture_keys:
@@ -114,12 +123,15 @@ class VisionBlockNode(StackNode):
 
             hook = self.block.attn.qkv.register_forward_hook(keep_keys)
         try:
-            hidden = self.block(state.hidden, cu_seqlens=scratch["cu_seqlens"], max_seqlen=scratch["max_seqlen"],
-                                position_embeddings=scratch["rope"], **extra)
+            out = self.block(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=rope, **extra)
         finally:
             if hook is not None:
                 hook.remove()
-        return dataclasses.replace(state, hidden=hidden, keys=captured[0] if captured else None)
+        return out, captured[0] if captured else None
+
+
+def _cumulative(lengths: list[int], device) -> Tensor:
+    return F.pad(torch.tensor(lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
 
 
 class VisionProjectNode(StackNode):
@@ -147,9 +159,14 @@ class Qwen2VLAdapter:
 
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
+    model_class: type = Qwen2VLForConditionalGeneration
+    compiled_mixin: type  # set below: CompiledQwen2VLModel
 
     def matches(self, model: nn.Module) -> bool:
-        return type(model).__name__ in self.architectures or isinstance(model, Qwen2VLForConditionalGeneration)
+        return isinstance(model, self.model_class)
+
+    def vision_block_node(self, visual: nn.Module, index: int) -> StackNode:
+        return VisionBlockNode(visual.blocks[index], index, visual)
 
     def check(self, model: nn.Module) -> None:
         check_attention(model.model.language_model.config)
@@ -158,7 +175,7 @@ class Qwen2VLAdapter:
     def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
         visual, lm = model.model.visual, model.model.language_model
         nodes: list[tuple[str, StackNode]] = [
-            (f"vision.blocks.{i}", VisionBlockNode(b, i, visual)) for i, b in enumerate(visual.blocks)
+            (f"vision.blocks.{i}", self.vision_block_node(visual, i)) for i in range(len(visual.blocks))
         ]
         nodes.append(("vision.merger", VisionProjectNode(visual.merger)))
         nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
@@ -181,7 +198,7 @@ class Qwen2VLAdapter:
                   "attention": [(b.attn, type(b.attn)) for b in inner.visual.blocks]}
         for block in inner.visual.blocks:
             block.attn.__class__ = _sized(type(block.attn))
-        inner.__class__ = _compiled(type(inner))
+        inner.__class__ = _compiled(type(inner), self.compiled_mixin)
         model.__class__ = _expanding(type(model))
         inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
         inner.rope_deltas = None
@@ -204,8 +221,8 @@ def _sized(cls: type) -> type:
 
 
 @functools.cache
-def _compiled(cls: type) -> type:
-    return type(f"Luvc{cls.__name__}", (CompiledQwen2VLModel, cls), {})
+def _compiled(cls: type, mixin: type) -> type:
+    return type(f"Luvc{cls.__name__}", (mixin, cls), {})
 
 
 @functools.cache
@@ -213,8 +230,8 @@ def _expanding(cls: type) -> type:
     return type(cls.__name__, (ExpandingGeneration, cls), {"__module__": cls.__module__})
 
 
-class ExpandingGeneration(Qwen2VLForConditionalGeneration):
-    """Repeats compressed vision outputs per sample for beams and ``num_return_sequences``.
+class ExpandingGeneration:
+    """Mixin: repeats compressed vision outputs per sample for beams and ``num_return_sequences``.
 
     ``generate`` groups the encoder outputs by sample by matching placeholder
     counts, which OIM changes; here the groups come from the grids luvc keeps.
@@ -243,13 +260,15 @@ class ExpandingGeneration(Qwen2VLForConditionalGeneration):
         return mm_encoder_output
 
 
-class CompiledQwen2VLModel(hf.Qwen2VLModel):
-    """``Qwen2VLModel`` whose vision tower and LLM run through the luvc graph.
+class CompiledQwen2VLModel:
+    """Mixin for Qwen2-VL-style inner models whose vision tower and LLM run through the luvc graph.
 
     Returns hidden states at the caller's positions, so ``generate`` and the
     logits keep the input's shape; positions whose token did not survive to
     the end (visual tokens) hold zeros.
     """
+
+    _luvc_rope_kwargs: tuple[str, ...] = ()  # forward kwargs that get_rope_index also needs
 
     def get_image_features(self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs):
         return self._luvc_encode(pixel_values, image_grid_thw)
@@ -300,15 +319,19 @@ class CompiledQwen2VLModel(hf.Qwen2VLModel):
             encoded["video"] = self.get_video_features(pixel_values_videos, video_grid_thw)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config.text_config)
+        rope_kwargs = {k: kwargs[k] for k in self._luvc_rope_kwargs if kwargs.get(k) is not None}
         state, length = self._luvc_prefill(input_ids, inputs_embeds, attention_mask, position_ids, encoded,
-                                           {"image": image_grid_thw, "video": video_grid_thw}, past_key_values)
+                                           {"image": image_grid_thw, "video": video_grid_thw}, past_key_values,
+                                           rope_kwargs)
         state = self._luvc_sections[1](state)
         ledger = [row for out in encoded.values() for row in getattr(out, "luvc_ledger", [])] + state.log
         self.__dict__["luvc_ledger"] = ledger
         return BaseModelOutputWithPast(last_hidden_state=scatter_to_caller(state, length),
                                        past_key_values=past_key_values)
 
-    def _luvc_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, encoded, grids, cache):
+    def _luvc_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, encoded, grids, cache,
+                      rope_kwargs=None):
+        rope_kwargs = rope_kwargs or {}
         cfg = self.config
         token_ids = {"image": cfg.image_token_id, "video": cfg.video_token_id}
         if input_ids is None:
@@ -345,8 +368,10 @@ class CompiledQwen2VLModel(hf.Qwen2VLModel):
             embeds = embeds.masked_scatter(mask, features)
         if encoded:
             token_type = (ids == token_ids["image"]).int() + 2 * (ids == token_ids["video"]).int()
-            position_ids, _ = self.get_rope_index(ids, token_type, final_grids.get("image"),
-                                                  final_grids.get("video"), valid.long())
+            position_ids, _ = self.get_rope_index(ids, mm_token_type_ids=token_type,
+                                                  image_grid_thw=final_grids.get("image"),
+                                                  video_grid_thw=final_grids.get("video"),
+                                                  attention_mask=valid.long(), **rope_kwargs)
         elif position_ids is None:
             position_ids = torch.arange(ids.shape[1], device=ids.device).expand(3, batch, -1)
         elif position_ids.dim() == 2:
@@ -372,6 +397,9 @@ class CompiledQwen2VLModel(hf.Qwen2VLModel):
                          torch.arange(q, device=embeds.device).expand(batch, -1), cache=cache, decoding=True)
         state = self._luvc_sections[1](state)
         return BaseModelOutputWithPast(last_hidden_state=scatter_to_caller(state, q), past_key_values=cache)
+
+
+Qwen2VLAdapter.compiled_mixin = CompiledQwen2VLModel
 
 
 @hookimpl

@@ -22,6 +22,7 @@ BUILTIN_PLUGINS = (
     "luvc.transforms.orthogonal_merge",
     "luvc.transforms.spectrum_prune",
     "luvc.models.qwen2_vl",
+    "luvc.models.qwen2_5_vl",
     "luvc.schedules.presets",
 )
 

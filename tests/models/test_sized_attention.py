@@ -7,7 +7,7 @@ import torch
 from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
 
 import luvc
-from luvc.zoo import build_qwen2_vl
+from luvc.zoo import build_model
 
 
 def reference(attn, hidden, cu_seqlens, rope, sizes):
@@ -23,13 +23,13 @@ def reference(attn, hidden, cu_seqlens, rope, sizes):
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
-def test_sized_attention_is_proportional_attention(attn_impl):
-    model = build_qwen2_vl(attn=attn_impl)
+def test_sized_attention_is_proportional_attention(attn_impl, family):
+    model = build_model(family, attn=attn_impl)
     luvc.compile(model, "identity")
     visual = model.model.visual
     attn = visual.blocks[0].attn
     torch.manual_seed(0)
-    hidden = torch.randn(20, visual.config.embed_dim)
+    hidden = torch.randn(20, visual.blocks[0].attn.qkv.in_features)
     positions = torch.rand(20, 2) * 6
     rope = visual.rotary_pos_emb(hidden, positions)
     cu_seqlens = torch.tensor([0, 12, 20], dtype=torch.int32)

@@ -25,7 +25,7 @@ requires_example = pytest.mark.skipif(
 def test_builtins_are_registered_as_plugins():
     registry = Registry(autoload=False)
     assert {"orthogonal_merge", "spectrum_prune"} <= set(registry.transforms)
-    assert [a.name for a in registry.adapters] == ["qwen2_vl"]
+    assert [a.name for a in registry.adapters] == ["qwen2_vl", "qwen2_5_vl"]
     names = {p.name: p.distribution for p in registry.plugins()}
     assert names["luvc.transforms.spectrum_prune"] == "luvc (built-in)"
 

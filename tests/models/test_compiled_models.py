@@ -1,4 +1,4 @@
-"""Compiled Qwen2-VL against the uncompiled one: exact identity, KV-cache decoding, batches, undo."""
+"""Compiled models of every family against the uncompiled ones: exact identity, KV-cache decoding, batches, undo."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from conftest import generate, greedy_without_cache
 
 import luvc
 from luvc import CompileError, ScheduleError, UnsupportedModelError
-from luvc.zoo import build_qwen2_vl
+from luvc.zoo import build_model
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_identity_reproduces_logits_and_generate(attn, mixed_batch_inputs):
+def test_identity_reproduces_logits_and_generate(attn, family, mixed_batch_inputs):
     """With no transform, logits (at real tokens) match in fp32 and greedy generation is identical."""
-    model = build_qwen2_vl(attn=attn)
+    model = build_model(family, attn=attn)
     ref_logits = model(**mixed_batch_inputs).logits
     ref_tokens = generate(model, mixed_batch_inputs)
     luvc.compile(model, "identity")
@@ -24,8 +24,8 @@ def test_identity_reproduces_logits_and_generate(attn, mixed_batch_inputs):
     assert torch.equal(generate(model, mixed_batch_inputs), ref_tokens)
 
 
-def test_identity_in_bf16(single_image_inputs):
-    model = build_qwen2_vl(dtype=torch.bfloat16)
+def test_identity_in_bf16(family, single_image_inputs):
+    model = build_model(family, dtype=torch.bfloat16)
     inputs = dict(single_image_inputs, pixel_values=single_image_inputs["pixel_values"].bfloat16())
     ref = generate(model, inputs)
     luvc.compile(model, "identity")
@@ -40,8 +40,8 @@ def test_cached_generate_matches_recomputing_the_prompt(schedule, mixed_batch_in
     assert torch.equal(cached, greedy_without_cache(tiny_model, mixed_batch_inputs, 4))
 
 
-def test_compressed_generate_in_bf16(mixed_batch_inputs):
-    model = build_qwen2_vl(dtype=torch.bfloat16)
+def test_compressed_generate_in_bf16(family, mixed_batch_inputs):
+    model = build_model(family, dtype=torch.bfloat16)
     inputs = {k: (v.bfloat16() if k.startswith("pixel") else v) for k, v in mixed_batch_inputs.items()}
     luvc.compile(model, "luvc-default")
     out = generate(model, inputs)
@@ -107,7 +107,8 @@ def test_failed_compile_leaves_the_model_untouched(tiny_model):
 
 
 def test_unsupported_model_lists_supported_families():
-    with pytest.raises(UnsupportedModelError, match=r"no adapter for Linear[\s\S]*qwen2_vl[\s\S]*luvc_model_adapters"):
+    with pytest.raises(UnsupportedModelError,
+                       match=r"no adapter for Linear[\s\S]*qwen2_vl[\s\S]*qwen2_5_vl[\s\S]*luvc_model_adapters"):
         luvc.compile(torch.nn.Linear(2, 2), "identity")
 
 
@@ -127,11 +128,11 @@ def test_text_only_prompt_runs_through_the_compiled_model(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
-def test_gpu_identity_and_compressed_generate(attn, mixed_batch_inputs):
+def test_gpu_identity_and_compressed_generate(attn, family, mixed_batch_inputs):
     """On CUDA (bf16): identity matches, compressed generation works with FlashAttention too."""
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
-    model = build_qwen2_vl(attn=attn, dtype=torch.bfloat16).cuda()
+    model = build_model(family, attn=attn, dtype=torch.bfloat16).cuda()
     inputs = {k: (v.bfloat16() if k.startswith("pixel") else v).cuda() for k, v in mixed_batch_inputs.items()}
     ref = generate(model, inputs)
     luvc.compile(model, "identity")

@@ -1,0 +1,1 @@
+"""Benchmarks: each measures schedules against ``identity`` in the same run."""
