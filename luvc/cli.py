@@ -15,7 +15,8 @@ app = typer.Typer(help="luvc: training-free visual-token compression for VLMs.",
 console = Console()
 errors = Console(stderr=True)
 
-MODEL_HELP = "built-in config (luvc.zoo: qwen2-vl-tiny, qwen2-vl-demo) or a local checkpoint directory"
+MODEL_HELP = ("built-in config (luvc.zoo: qwen2-vl-tiny, qwen2.5-vl-tiny, llava-tiny, qwen2-vl-2b, ...) "
+              "or a local checkpoint directory")
 
 
 @app.callback()
@@ -143,8 +144,9 @@ app.add_typer(bench, name="bench")
 
 @bench.command("speed")
 def bench_speed(
-    model: str = typer.Option("qwen2-vl-2b", help="built-in config (qwen2-vl-2b, qwen2-vl-7b, qwen2-vl-demo, "
-                              "qwen2-vl-tiny) or a local checkpoint directory"),
+    model: str = typer.Option("qwen2-vl-2b", help="built-in config (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-7b, "
+                              "llava-1.5-7b, and the *-tiny ones; see luvc.zoo) or a local checkpoint directory; "
+                              "LLaVA resizes every image to its fixed size"),
     schedule: list[str] = typer.Option(["luvc-default"], help="schedule to compare (repeatable); identity is "
                                        "always measured as the reference"),
     resolution: list[int] = typer.Option([448, 896, 1344], help="image side in px (repeatable)"),
@@ -176,10 +178,13 @@ def bench_speed(
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as progress:
             results = run_speed(built, schedule, specs, repeats, warmup, new_tokens, device, progress)
-    except (LuvcError, KeyError) as exc:
+    except (LuvcError, KeyError, MemoryError) as exc:
         errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    depth = f"{built.config.text_config.num_hidden_layers} LLM layers, {built.config.vision_config.depth} vision blocks"
+    from luvc.models import find_adapter
+
+    vision_blocks = sum(1 for name, _ in find_adapter(built).stack_nodes(built) if name.startswith("vision.blocks."))
+    depth = f"{built.config.text_config.num_hidden_layers} LLM layers, {vision_blocks} vision blocks"
     title = f"luvc bench speed: {model} ({depth}), {device}"
     settings = {"schedules": schedule, "resolutions": resolution, "frames": frames, "batch": batch,
                 "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "layers": layers,

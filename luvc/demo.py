@@ -70,7 +70,6 @@ def run_demo(model_name: str = "qwen2-vl-demo", schedule: str = "luvc-default", 
              ) -> DemoResult:
     """Run the demo and print its tables; returns the numbers it printed."""
     console = console or Console()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with console.status(f"building {model_name} (random weights)"):
         model = build_model(model_name)
     inputs = vlm_inputs([[sample_image(image)]], prompts=[list(range(10, 26))], pixels=pixels)

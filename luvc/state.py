@@ -46,6 +46,7 @@ class VisionState:
     grids: tuple[tuple[int, int, int], ...]  # per image: (t, h, w) in units
     unit: int
     keys: Tensor | None = None  # [N, Dk] similarity metric captured from the last block
+    prefix: Tensor | None = None  # [images, P, D] tokens every image attends to but that never merge (CLS)
     decoding = False
     log: list[LedgerRow] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # adapter's per-state cache (rotary, cu_seqlens)

@@ -11,6 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -72,9 +76,25 @@ CONFIGS: dict[str, dict] = {
         vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
                     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
     ),
+    # LLaVA-1.5: CLIP ViT with a class token (fixed grid), MLP projector, Llama LLM with 1-D rotary.
+    "llava-tiny": dict(
+        family="llava",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                    image_size=224, patch_size=14),
+    ),
+    "llava-1.5-7b": dict(
+        family="llava",
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14),
+    ),
 }
 
 FAMILIES = {
+    "llava": (LlavaConfig, LlavaForConditionalGeneration),
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
@@ -88,6 +108,16 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
     spec = CONFIGS[name]
     text = dict(vocab_size=512, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     text.update(spec["text"])
+    if spec["family"] == "llava":
+        vision = dict(spec["vision"])
+        if layers is not None:
+            text["num_hidden_layers"] = layers
+        if vision_layers is not None:  # blocks that run: the feature layer is the second-to-last
+            vision["num_hidden_layers"] = vision_layers + 1
+        return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                           image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default",
+                           image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
     vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **spec["vision"])
     out_key = "out_hidden_size" if spec["family"] == "qwen2_5_vl" else "hidden_size"
     vision[out_key] = text["hidden_size"]
@@ -142,6 +172,10 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
     ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the pixel
     tensors and grids, as the Qwen2-VL processor would.
     """
+    if getattr(config, "model_type", None) == "llava":
+        if any(videos):
+            raise ValueError("LLaVA-1.5 takes no video")
+        return _llava_inputs(images, prompts, config)
     image_token, video_token, start, end = IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END
     if config is not None:
         image_token, video_token = config.image_token_id, config.video_token_id
@@ -172,6 +206,32 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
     out["input_ids"] = ids
     out["attention_mask"] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     out["mm_token_type_ids"] = (ids == image_token).int() + 2 * (ids == video_token).int()
+    return out
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _llava_inputs(images, prompts, config) -> dict:
+    """LLaVA-1.5-style inputs: each image resized to the tower's square size, CLIP-normalised,
+    and ``image_seq_length`` placeholders per image before the prompt."""
+    from PIL import Image
+
+    side = config.vision_config.image_size
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    pixels, rows = [], []
+    for sample, prompt in zip(images or [[] for _ in prompts], prompts):
+        row = [1]
+        for image in sample:
+            resized = np.array(Image.fromarray(image).convert("RGB").resize((side, side), Image.BICUBIC))
+            pixels.append((torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - mean) / std)
+            row += [config.image_token_id] * config.image_seq_length
+        rows.append(row + list(prompt))
+    width = max(len(r) for r in rows)
+    out = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+           "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)
     return out
 
 

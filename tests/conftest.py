@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from luvc.zoo import build_model, sample_image, vlm_inputs
+from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
 
 torch.set_num_threads(2)
 
@@ -18,7 +18,8 @@ def _no_grad():
 
 
 #: Every supported family's tiny config: model-level tests run on each.
-FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny"]
+FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny"]
+VIDEO_FAMILIES = {"qwen2-vl-tiny", "qwen2.5-vl-tiny"}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -42,21 +43,24 @@ def coffee() -> np.ndarray:
     return sample_image("coffee")
 
 
-@pytest.fixture(scope="session")
-def single_image_inputs(astronaut) -> dict:
-    """One sample, one 224x224 image (16x16 patches, 64 LLM tokens)."""
-    return vlm_inputs([[astronaut]], prompts=[(10, 11, 12, 13)])
+@pytest.fixture
+def single_image_inputs(family, astronaut) -> dict:
+    """One sample, one 224x224 image (Qwen: 16x16 patches, 64 LLM tokens; LLaVA: 256 tokens)."""
+    return vlm_inputs([[astronaut]], prompts=[(10, 11, 12, 13)], config=model_config(family))
 
 
-@pytest.fixture(scope="session")
-def mixed_batch_inputs(astronaut, coffee) -> dict:
-    """Three left-padded samples: one image; two images of other sizes; a 4-frame video."""
+@pytest.fixture
+def mixed_batch_inputs(family, astronaut, coffee) -> dict:
+    """Three left-padded samples: one image; two images of other sizes; a 4-frame video (or nothing,
+    for families without video)."""
     video = np.stack([sample_image("chelsea")[:200, :200]] * 4)
+    videos = [[], [], [video]] if family in VIDEO_FAMILIES else []
     return vlm_inputs(
         [[astronaut], [coffee[:150, :300], astronaut[:100, :200]], []],
         prompts=[(10, 11), (12, 13, 14, 15, 16), (20,)],
-        videos=[[], [], [video]],
+        videos=videos,
         pixels=160 * 160,
+        config=model_config(family),
     )
 
 
@@ -69,7 +73,8 @@ def greedy_without_cache(model, inputs: dict, steps: int) -> torch.Tensor:
         tokens.append(nxt)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], nxt], 1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(nxt)], 1)
     return torch.cat(tokens, 1)
 
 

@@ -26,7 +26,8 @@ def hand_count_llm_prefill(config, tokens: int) -> int:
     return t.num_hidden_layers * (tokens * per_token + attention) + 2 * d * t.vocab_size
 
 
-def test_llm_prefill_flops_match_a_hand_count(tiny_model):
+def test_llm_prefill_flops_match_a_hand_count():
+    tiny_model = build_model("qwen2-vl-tiny")
     inputs = make_inputs(tiny_model, BenchInput(224))
     luvc.compile(tiny_model, "identity")
     encoded = {"image": tiny_model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])}

@@ -1,4 +1,4 @@
-"""Every page of the docs runs: its Python blocks in order in one namespace, then its bash blocks.
+"""Every page of the docs runs: its Python and bash blocks, in page order.
 
 Snippet includes (``--8<-- "path"``) are resolved first, so included files run as shown.
 ``console`` blocks (installation commands) and ``text``/``yaml`` blocks are not run.
@@ -20,22 +20,25 @@ FENCE = re.compile(r"^```(\w+)\n(.*?)^```", flags=re.S | re.M)
 SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', flags=re.M)
 
 
-def blocks(page: Path, language: str) -> list[str]:
-    found = [body for lang, body in FENCE.findall(page.read_text()) if lang == language]
-    return [SNIPPET.sub(lambda m: (ROOT / m.group(1)).read_text(), body) for body in found]
+def blocks(page: Path) -> list[tuple[str, str]]:
+    """(language, code) of every fenced block, in page order, snippets resolved."""
+    return [(lang, SNIPPET.sub(lambda m: (ROOT / m.group(1)).read_text(), body))
+            for lang, body in FENCE.findall(page.read_text())]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT / "docs")) for p in PAGES])
 def test_page_runs(page, monkeypatch):
+    """Python blocks run in one namespace per page and bash blocks in the repo root, in page order."""
     monkeypatch.chdir(ROOT)
     namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for block in blocks(page, "python"):
-        exec(compile(block, str(page), "exec"), namespace)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    for block in blocks(page, "bash"):
-        result = subprocess.run(["bash", "-e", "-c", block], cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 0, f"{page.name}: `{block.strip()}` failed:\n{result.stdout}\n{result.stderr}"
+    for lang, block in blocks(page):
+        if lang == "python":
+            exec(compile(block, str(page), "exec"), namespace)
+        elif lang == "bash":
+            result = subprocess.run(["bash", "-e", "-c", block], cwd=ROOT, env=env, capture_output=True, text=True,
+                                    timeout=300)
+            assert result.returncode == 0, f"{page.name}: `{block.strip()}` failed:\n{result.stdout}\n{result.stderr}"
 
 
 def test_snippets_point_at_real_files():

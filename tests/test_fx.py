@@ -9,6 +9,13 @@ import luvc
 from luvc import ScheduleError, load_schedule
 from luvc.fx.passes import insert_transforms, verify
 from luvc.fx.trace import StackGraphModule
+from luvc.zoo import build_model
+
+
+@pytest.fixture
+def tiny_model():
+    """The graph tests read Qwen2-VL's node names; families are covered in tests/models."""
+    return build_model("qwen2-vl-tiny")
 
 
 def modules(graph: fx.GraphModule) -> list[str]:

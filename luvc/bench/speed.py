@@ -177,7 +177,20 @@ def load_bench_model(name: str, layers: int | None, vision_layers: int | None, d
 
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn)
         return model.eval().to(device)
+    meta = build_model(name, device="meta", layers=layers, vision_layers=vision_layers)
+    need = sum(p.numel() for p in meta.parameters()) * torch.empty((), dtype=dtype).element_size()
+    if device == "cpu" and need > 0.8 * _available_memory():
+        raise MemoryError(
+            f"{name} needs about {need / 2**30:.1f} GiB of weights in {dtype}, more than this machine has free "
+            f"({_available_memory() / 2**30:.1f} GiB); shrink it with --layers and --vision-layers"
+        )
     return build_model(name, attn=attn, dtype=dtype, layers=layers, vision_layers=vision_layers).to(device)
+
+
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 def run_speed(model, schedules: list[str], specs: list[BenchInput], repeats: int = 3, warmup: int = 1,

@@ -95,7 +95,8 @@ class DecoderLayerNode(StackNode):
             impl = self.block.self_attn.config._attn_implementation
             masks[key] = (past, attention_mask(key_valid, hidden.shape[1], impl, hidden.dtype))
         if "rope" not in state.scratch:
-            state.scratch["rope"] = self.rotary[0](hidden, state.position_ids)
+            positions = state.position_ids[0] if state.position_ids.shape[0] == 1 else state.position_ids
+            state.scratch["rope"] = self.rotary[0](hidden, positions)
         hidden = self.block(
             hidden,
             attention_mask=masks[key][1],

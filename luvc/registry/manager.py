@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = (
     "luvc.transforms.spectrum_prune",
     "luvc.models.qwen2_vl",
     "luvc.models.qwen2_5_vl",
+    "luvc.models.llava",
     "luvc.schedules.presets",
 )
 

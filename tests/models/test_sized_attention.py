@@ -22,6 +22,7 @@ def reference(attn, hidden, cu_seqlens, rope, sizes):
     return attn.proj(torch.cat(outs).reshape(seq, -1))
 
 
+@pytest.mark.parametrize("family", ["qwen2-vl-tiny", "qwen2.5-vl-tiny"])
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
 def test_sized_attention_is_proportional_attention(attn_impl, family):
     model = build_model(family, attn=attn_impl)
@@ -40,3 +41,21 @@ def test_sized_attention_is_proportional_attention(attn_impl, family):
         plain = attn(hidden, cu_seqlens=cu_seqlens, position_embeddings=rope)
         ones = attn(hidden, cu_seqlens=cu_seqlens, position_embeddings=rope, luvc_sizes=torch.ones(20))
     torch.testing.assert_close(ones, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_sized_clip_attention_is_proportional_attention(attn_impl):
+    """The CLIP variant (LLaVA's tower), batched [images, tokens, dim], against a log-size bias."""
+    model = build_model("llava-tiny", attn=attn_impl)
+    luvc.compile(model, "identity")
+    attn = model.model.vision_tower.encoder.layers[0].self_attn
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, attn.embed_dim)
+    sizes = torch.randint(1, 5, (2, 9)).float()
+    with torch.no_grad():
+        out, _ = attn(hidden, None, luvc_sizes=sizes)
+        shape = (2, 9, attn.num_heads, attn.head_dim)
+        q, k, v = (proj(hidden).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale + sizes.log()[:, None, None, :]
+        ref = attn.out_proj(torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v).reshape(2, 9, -1))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

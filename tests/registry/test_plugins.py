@@ -11,6 +11,7 @@ import luvc
 from luvc.errors import PluginError
 from luvc.registry import Registry, TransformSpec, get_registry, hookimpl
 from luvc.transforms.spectrum_prune import SPUParams
+from luvc.zoo import build_model, vlm_inputs
 
 
 def _example_installed() -> bool:
@@ -25,7 +26,7 @@ requires_example = pytest.mark.skipif(
 def test_builtins_are_registered_as_plugins():
     registry = Registry(autoload=False)
     assert {"orthogonal_merge", "spectrum_prune"} <= set(registry.transforms)
-    assert [a.name for a in registry.adapters] == ["qwen2_vl", "qwen2_5_vl"]
+    assert [a.name for a in registry.adapters] == ["qwen2_vl", "qwen2_5_vl", "llava"]
     names = {p.name: p.distribution for p in registry.plugins()}
     assert names["luvc.transforms.spectrum_prune"] == "luvc (built-in)"
 
@@ -51,7 +52,7 @@ def test_example_plugin_is_a_real_installed_distribution():
 
 
 @requires_example
-def test_example_plugin_runs_from_yaml(single_image_inputs, tiny_model):
+def test_example_plugin_runs_from_yaml(astronaut):
     """A YAML schedule names the plugin's transform; it pools the visual tokens, then SPU removes the rest."""
     schedule = """
 name: pooled
@@ -64,9 +65,10 @@ llm:
     at: 2
     params: {keep: 0.0}
 """
-    luvc.compile(tiny_model, schedule)
-    tiny_model.generate(**single_image_inputs, max_new_tokens=2, do_sample=False)
-    counts = [(r.node, r.visual[0]) for r in luvc.ledger(tiny_model) if r.site == "llm"]
+    model = build_model("qwen2-vl-tiny")
+    luvc.compile(model, schedule)
+    model.generate(**vlm_inputs([[astronaut]]), max_new_tokens=2, do_sample=False)
+    counts = [(r.node, r.visual[0]) for r in luvc.ledger(model) if r.site == "llm"]
     assert counts[:2] == [("llm.transforms.stride_pool_0", 64), ("llm.layers.0", 16)]
     assert counts[-1] == ("llm.norm", 0)
 

@@ -1,0 +1,189 @@
+"""LLaVA adapter (``LlavaForConditionalGeneration``): a CLIP tower with a class token, an MLP
+projector, and a Llama-style LLM with 1-D rotary positions.
+
+What is specific to LLaVA, and lives here:
+
+* The CLIP tower runs images as a batch ``[images, 1 + n, D]``; the class token
+  is a *prefix*: it attends and is attended to, but never merges (and the
+  ``default`` feature strategy drops it before the projector). Every image has
+  the same fixed grid, so OIM keeps them the same size and the batch rectangular.
+* Only the blocks up to ``vision_feature_layer`` run (LLaVA-1.5 reads the
+  second-to-last block, so the last block, whose output it never used, is
+  skipped: the same features, one block cheaper).
+* Units are single patches (no 2x2 merger); the LLM sees one token per
+  remaining patch, and shortened placeholder runs are numbered 1-D in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
+
+from luvc.errors import CompileError
+from luvc.fx.nodes import StackNode
+from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.models.runtime import CompiledVLM, ExpandingGeneration, vision_output
+from luvc.models.sized_attention import SizedCLIPAttention
+from luvc.registry import hookimpl
+from luvc.state import LedgerRow, VisionState
+
+
+class CLIPLayerNode(StackNode):
+    """One CLIP encoder layer on a ``VisionState`` whose images share one grid, class token as prefix."""
+
+    site = "vision"
+
+    def __init__(self, layer: nn.Module, index: int) -> None:
+        super().__init__()
+        self.block = layer
+        self.index = index
+        self.capture_keys = False
+
+    def forward(self, state: VisionState) -> VisionState:
+        state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
+        images, prefix = state.prefix.shape[:2]
+        x = torch.cat([state.prefix, state.hidden.view(images, -1, state.hidden.shape[-1])], dim=1)
+        extra = {}
+        if bool((state.sizes != 1).any()):
+            ones = state.sizes.new_ones(images, prefix)
+            extra["luvc_sizes"] = torch.cat([ones, state.sizes.view(images, -1)], dim=1)
+        captured: list[Tensor] = []
+        hook = None
+        if self.capture_keys:
+            heads = self.block.self_attn.num_heads
+
+            def keep_keys(module, args, output):
+                keys = output.view(*output.shape[:2], heads, -1).mean(dim=2)[:, prefix:]
+                captured.append(keys.reshape(-1, keys.shape[-1]))
+
+            hook = self.block.self_attn.k_proj.register_forward_hook(keep_keys)
+        try:
+            out = self.block(x, None, **extra)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
+                                   keys=captured[0] if captured else None)
+
+
+class ProjectorNode(StackNode):
+    """LLaVA's MLP projector on the patch tokens (the class token is dropped: ``default`` strategy)."""
+
+    site = "vision"
+    kind = "io"
+
+    def __init__(self, projector: nn.Module) -> None:
+        super().__init__()
+        self.block = projector
+
+    def forward(self, state: VisionState) -> VisionState:
+        state.log.append(LedgerRow("vision.projector", "vision", state.tokens_per_image()))
+        return state.replace(hidden=self.block(state.hidden), prefix=None, keys=None)
+
+
+class CompiledLlavaModel(CompiledVLM):
+    """Compiled LLaVA inner model: the CLIP tower and the LLM run through the luvc graph."""
+
+    _luvc_placeholders = {"image": "image_token_id"}
+    _luvc_pixel_kwargs = {"image": ("pixel_values",)}
+    _luvc_output_class = LlavaModelOutputWithPast
+
+    def get_image_features(self, pixel_values: Tensor, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           image_sizes=None, **kwargs):
+        tower = self.vision_tower
+        x = tower.embeddings(pixel_values.type(tower.dtype))
+        x = tower.pre_layrnorm(x)
+        images, tokens, dim = x.shape
+        side = tower.config.image_size // tower.config.patch_size
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        positions = torch.stack([rows, cols], -1).reshape(-1, 2).float().repeat(images, 1).to(x.device)
+        state = VisionState(hidden=x[:, 1:].reshape(-1, dim), sizes=torch.ones(images * side * side, device=x.device),
+                            positions=positions, grids=((1, side, side),) * images, unit=1,
+                            prefix=x[:, :1], log=[])
+        state = self._luvc_sections[0](state)
+        return vision_output(state, [side * side] * images)
+
+    def _luvc_positions(self, ids, valid, encoded, position_ids, rebuilt, kwargs):
+        if rebuilt:  # the placeholders were shortened: number the kept tokens in order
+            return (valid.long().cumsum(-1) - 1).clamp(min=0)[None]
+        if position_ids is None:
+            return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)[None]
+        return position_ids[None] if position_ids.dim() == 2 else position_ids
+
+
+class LlavaAdapter:
+    """Adapter for ``LlavaForConditionalGeneration`` (CLIP tower, MLP projector, Llama-style LLM)."""
+
+    name = "llava"
+    architectures = ("LlavaForConditionalGeneration",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, LlavaForConditionalGeneration)
+
+    def check(self, model: nn.Module) -> None:
+        cfg = model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise CompileError("luvc's LLaVA adapter reads one vision_feature_layer; this model concatenates "
+                               f"{cfg.vision_feature_layer}")
+        if cfg.vision_feature_select_strategy != "default":
+            raise CompileError("luvc's LLaVA adapter supports vision_feature_select_strategy='default' "
+                               f"(class token dropped), not {cfg.vision_feature_select_strategy!r}")
+        check_attention(model.model.language_model.config)
+        check_attention(model.model.vision_tower.config)
+
+    def _used_layers(self, model: nn.Module) -> int:
+        layers = len(model.model.vision_tower.encoder.layers)
+        index = model.config.vision_feature_layer
+        return index if index >= 0 else layers + 1 + index
+
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower, lm = model.model.vision_tower, model.model.language_model
+        layers = tower.encoder.layers[: self._used_layers(model)]
+        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
+                                              for i, layer in enumerate(layers)]
+        nodes.append(("vision.projector", ProjectorNode(model.model.multi_modal_projector)))
+        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
+        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
+        return nodes
+
+    def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
+        cfg = model.config.vision_config
+        side = cfg.image_size // cfg.patch_size
+        return (1, side, side), 1
+
+    def install(self, model: nn.Module, graph: nn.Module) -> dict:
+        from luvc.fx.passes import section
+
+        inner = model.model
+        layers = inner.vision_tower.encoder.layers[: self._used_layers(model)]
+        record = {"outer": type(model), "inner": type(inner),
+                  "attention": [(layer.self_attn, type(layer.self_attn)) for layer in layers]}
+        for layer in layers:
+            layer.self_attn.__class__ = _subclass(type(layer.self_attn), SizedCLIPAttention, "Luvc")
+        inner.__class__ = _subclass(type(inner), CompiledLlavaModel, "Luvc")
+        model.__class__ = _subclass(type(model), ExpandingGeneration, "")
+        inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
+        return record
+
+    def uninstall(self, model: nn.Module, record: dict) -> None:
+        model.__class__ = record["outer"]
+        model.model.__class__ = record["inner"]
+        for attn, cls in record["attention"]:
+            attn.__class__ = cls
+        model.model.__dict__.pop("_luvc_sections", None)
+        model.model.__dict__.pop("luvc_ledger", None)
+
+
+@functools.cache
+def _subclass(cls: type, mixin: type, prefix: str) -> type:
+    return type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+
+
+@hookimpl
+def luvc_model_adapters() -> list:
+    return [LlavaAdapter()]

@@ -1,0 +1,179 @@
+"""The compiled VLM's forward: vision section, placeholder rebuild, LLM section, decode.
+
+Shared by every adapter whose model is "vision tower -> placeholder tokens ->
+decoder-only LLM". An adapter's mixin subclasses ``CompiledVLM`` and supplies
+what differs per family: how pixels are encoded (``get_image_features``),
+which forward keywords carry pixels, and how position ids are made.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+
+from luvc.errors import CompileError
+from luvc.models.llm import CacheRecord, placeholder_keep, right_align, scatter_to_caller
+from luvc.state import LLMState, VisionState
+
+
+def vision_output(state: VisionState, source_counts: list[int], **extra) -> BaseModelOutputWithPooling:
+    """A Hugging Face vision output for compressed features, carrying what the LLM side needs.
+
+    ``luvc_source_counts`` are the placeholders each item has in the caller's
+    input, ``luvc_counts`` the tokens each item now has; ``extra`` attributes
+    (``luvc_*``, one entry per item) travel along, e.g. merged grids.
+    """
+    counts = [t * h * w * state.unit for t, h, w in state.grids]
+    out = BaseModelOutputWithPooling(last_hidden_state=state.hidden,
+                                     pooler_output=torch.split(state.hidden, counts))
+    out.luvc_source_counts = list(source_counts)
+    out.luvc_counts = counts
+    out.luvc_ledger = state.log
+    for name, value in extra.items():
+        setattr(out, name, value)
+    return out
+
+
+class CompiledVLM:
+    """Mixin for a VLM's inner model whose vision tower and LLM run through the luvc graph.
+
+    Returns hidden states at the caller's positions, so ``generate`` and the
+    logits keep the input's shape; positions whose token did not survive to
+    the end (visual tokens) hold zeros.
+    """
+
+    #: modality -> config attribute holding its placeholder token id
+    _luvc_placeholders: dict[str, str] = {"image": "image_token_id"}
+    #: forward keywords that carry pixels (or their grids) for each modality
+    _luvc_pixel_kwargs: dict[str, tuple[str, ...]] = {"image": ("pixel_values",)}
+    #: what the family's inner forward returns (its outer forward reads its fields)
+    _luvc_output_class: type = BaseModelOutputWithPast
+
+    def _luvc_positions(self, ids: Tensor, valid: Tensor, encoded: dict, position_ids: Tensor | None,
+                        rebuilt: bool, kwargs: dict) -> Tensor:
+        """[P, B, S] position ids of the (possibly rebuilt) prefill sequence."""
+        raise NotImplementedError
+
+    def _luvc_decode_positions(self, positions: Tensor) -> Tensor:
+        """[P, B, q] position ids for decoding, from [B, q] sequence positions."""
+        return positions[None]
+
+    def _luvc_encode_all(self, kwargs: dict, encoded: dict) -> dict:
+        for kind, names in self._luvc_pixel_kwargs.items():
+            if encoded.get(kind) is None and kwargs.get(names[0]) is not None:
+                encoder = getattr(self, f"get_{kind}_features")
+                encoded[kind] = encoder(*(kwargs.get(name) for name in names))
+        return encoded
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, mm_encoder_outputs=None, **kwargs) -> BaseModelOutputWithPast:
+        wanted = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+        if wanted:
+            raise CompileError(
+                f"{', '.join(wanted)} is not available from a luvc-compiled model: each layer sees its own tokens\n"
+                "  read visual-token counts with luvc.ledger(model), or luvc.uncompile(model) first"
+            )
+        record = getattr(past_key_values, "luvc_record", None)
+        if record is not None:
+            return self._luvc_decode(input_ids, inputs_embeds, attention_mask, past_key_values, record)
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise CompileError("this KV cache was filled outside luvc; start generation from an empty cache")
+        encoded = self._luvc_encode_all(kwargs, dict(mm_encoder_outputs or {}))
+        encoded = {kind: out for kind, out in encoded.items() if out is not None}
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+        state, length = self._luvc_prefill(input_ids, inputs_embeds, attention_mask, position_ids, encoded,
+                                           past_key_values, kwargs)
+        state = self._luvc_sections[1](state)
+        ledger = [row for out in encoded.values() for row in getattr(out, "luvc_ledger", [])] + state.log
+        self.__dict__["luvc_ledger"] = ledger
+        return self._luvc_output_class(last_hidden_state=scatter_to_caller(state, length),
+                                       past_key_values=past_key_values)
+
+    def _luvc_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs):
+        token_ids = {kind: getattr(self.config, attr) for kind, attr in self._luvc_placeholders.items()}
+        if input_ids is None:
+            if encoded:
+                raise CompileError("a luvc-compiled VLM needs input_ids to place image and video features")
+            batch, length = inputs_embeds.shape[:2]
+            ids = torch.zeros(batch, length, dtype=torch.long, device=inputs_embeds.device)
+        else:
+            ids = input_ids
+            batch, length = ids.shape
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        for kind, out in encoded.items():
+            counts = [len(f) for f in out.pooler_output]
+            before = getattr(out, "luvc_source_counts", counts)
+            keep &= placeholder_keep(ids == token_ids[kind], before, counts)
+        source_index = torch.arange(length, device=ids.device).expand(batch, -1)
+        rebuilt = not bool(keep.all())
+        if rebuilt:
+            order = right_align(keep & valid)
+            valid = torch.gather(keep & valid, 1, order)
+            ids = torch.gather(ids, 1, order).masked_fill(~valid, self.config.text_config.pad_token_id or 0)
+            source_index = torch.where(valid, torch.gather(source_index, 1, order), -1)
+            embeds = self.get_input_embeddings()(ids)
+        else:
+            embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(ids)
+        visual = torch.zeros_like(valid)
+        for kind, out in encoded.items():
+            features = torch.cat(list(out.pooler_output), dim=0).to(embeds.device, embeds.dtype)
+            mask = ids == token_ids[kind]
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
+            visual |= mask
+        positions = self._luvc_positions(ids, valid, encoded, position_ids, rebuilt, kwargs)
+        if cache is not None:
+            last = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))
+            cache.luvc_record = CacheRecord(next_position=last + 1)
+        state = LLMState(embeds, valid, visual & valid, positions, torch.where(valid, source_index, -1),
+                         cache=cache, log=[])
+        return state, length
+
+    def _luvc_decode(self, input_ids, inputs_embeds, attention_mask, cache, record: CacheRecord):
+        embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+        batch, q = embeds.shape[:2]
+        valid = attention_mask[:, -q:].bool() if attention_mask is not None else torch.ones(
+            batch, q, dtype=torch.bool, device=embeds.device)
+        positions = record.next_position[:, None] + torch.arange(q, device=embeds.device)
+        record.next_position = record.next_position + q
+        state = LLMState(embeds, valid, torch.zeros_like(valid), self._luvc_decode_positions(positions),
+                         torch.arange(q, device=embeds.device).expand(batch, -1), cache=cache, decoding=True)
+        state = self._luvc_sections[1](state)
+        return self._luvc_output_class(last_hidden_state=scatter_to_caller(state, q), past_key_values=cache)
+
+
+class ExpandingGeneration:
+    """Mixin for the outer model: repeats compressed vision outputs per sample for beams and
+    ``num_return_sequences``.
+
+    ``generate`` groups the encoder outputs by sample by matching placeholder
+    counts, which merging changes; here the groups come from the source counts
+    luvc keeps, and every per-item ``luvc_*`` attribute is repeated with them.
+    """
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        for kind, out in mm_encoder_output.items():
+            if out is None or getattr(out, "luvc_source_counts", None) is None:
+                continue
+            token_id = getattr(self.config, f"{kind}_token_id", None)
+            if token_id is None:
+                token_id = self.config.image_token_index
+            per_row = (input_ids == token_id).sum(-1).tolist()
+            sizes = out.luvc_source_counts
+            groups, start = [], 0
+            for need in per_row:
+                end = start
+                while need > 0:
+                    need -= sizes[end]
+                    end += 1
+                groups.append(list(range(start, end)))
+                start = end
+            order = [i for group in groups for _ in range(expand_size) for i in group]
+            out.pooler_output = [out.pooler_output[i] for i in order]
+            for name in [n for n in vars(out) if n.startswith("luvc_") and n != "luvc_ledger"]:
+                value = getattr(out, name)
+                setattr(out, name, value[order] if isinstance(value, Tensor) else [value[i] for i in order])
+        return mm_encoder_output
