@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from luvc.registry.spec import TransformSpec
 from luvc.state import LedgerRow
@@ -21,6 +23,22 @@ class StackNode(nn.Module):
     site: str = ""
     kind: str = "block"
     index: int | None = None
+
+
+@contextlib.contextmanager
+def captured_output(module: nn.Module | None, reduce: Callable[[Tensor], Tensor]) -> Iterator[list[Tensor]]:
+    """While active, append ``reduce(output)`` of each ``module`` call to the yielded list.
+
+    A block node uses it to keep an internal tensor (attention keys for the
+    merge that follows) without changing the block; ``None`` captures nothing.
+    """
+    captured: list[Tensor] = []
+    hook = None if module is None else module.register_forward_hook(lambda m, a, out: captured.append(reduce(out)))
+    try:
+        yield captured
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 class TransformNode(StackNode):

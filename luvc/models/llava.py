@@ -25,7 +25,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
 from luvc.errors import CompileError
-from luvc.fx.nodes import StackNode
+from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.models.runtime import CompiledVLM, ExpandingGeneration, vision_output
 from luvc.models.sized_attention import SizedCLIPAttention
@@ -52,21 +52,14 @@ class CLIPLayerNode(StackNode):
         if bool((state.sizes != 1).any()):
             ones = state.sizes.new_ones(images, prefix)
             extra["luvc_sizes"] = torch.cat([ones, state.sizes.view(images, -1)], dim=1)
-        captured: list[Tensor] = []
-        hook = None
-        if self.capture_keys:
-            heads = self.block.self_attn.num_heads
+        heads = self.block.self_attn.num_heads
 
-            def keep_keys(module, args, output):
-                keys = output.view(*output.shape[:2], heads, -1).mean(dim=2)[:, prefix:]
-                captured.append(keys.reshape(-1, keys.shape[-1]))
+        def keys_of(k: Tensor) -> Tensor:
+            keys = k.view(*k.shape[:2], heads, -1).mean(dim=2)[:, prefix:]
+            return keys.reshape(-1, keys.shape[-1])
 
-            hook = self.block.self_attn.k_proj.register_forward_hook(keep_keys)
-        try:
+        with captured_output(self.block.self_attn.k_proj if self.capture_keys else None, keys_of) as captured:
             out = self.block(x, None, **extra)
-        finally:
-            if hook is not None:
-                hook.remove()
         return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
                                    keys=captured[0] if captured else None)
 

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_position_ids
 
-from luvc.fx.nodes import StackNode
+from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.models.runtime import CompiledVLM, ExpandingGeneration, vision_output
 from luvc.models.sized_attention import SizedVisionAttention
@@ -60,20 +60,13 @@ class VisionBlockNode(StackNode):
               sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Run the block; return its output and, if asked for, its attention keys (mean over heads)."""
         extra = {"luvc_sizes": sizes} if sizes is not None else {}
-        captured: list[Tensor] = []
-        hook = None
-        if self.capture_keys:
-            heads = self.block.attn.num_heads
+        heads = self.block.attn.num_heads
 
-            def keep_keys(module, args, output):
-                captured.append(output.reshape(output.shape[0], 3, heads, -1)[:, 1].mean(dim=1))
+        def keys_of(qkv: Tensor) -> Tensor:
+            return qkv.reshape(qkv.shape[0], 3, heads, -1)[:, 1].mean(dim=1)
 
-            hook = self.block.attn.qkv.register_forward_hook(keep_keys)
-        try:
+        with captured_output(self.block.attn.qkv if self.capture_keys else None, keys_of) as captured:
             out = self.block(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=rope, **extra)
-        finally:
-            if hook is not None:
-                hook.remove()
         return out, captured[0] if captured else None
 
 

@@ -2,8 +2,10 @@
 
 After a merge, a token standing for ``s`` patches should weigh as much as
 those ``s`` patches in every later attention: softmax weights proportional to
-``s * exp(q.k)``. ToMe adds ``log s`` to the logits, which FlashAttention
-cannot take; here the sizes ride in the values instead.
+``s * exp(q.k)``. Under SDPA and eager attention that is an additive ``log s``
+bias on the logits (ToMe's form), which keeps SDPA's fused kernels. FlashAttention
+takes no bias, so there the sizes ride in the values, as the paper describes:
+attend to ``[s * v, s]`` and divide by the last channel. Both are exact.
 """
 
 from __future__ import annotations
@@ -20,13 +22,8 @@ from transformers.utils.generic import is_flash_attention_requested
 
 
 class SizedVisionAttention:
-    """Mixin for Qwen-style vision attention: a token of size ``s`` counts as ``s`` patches.
-
-    Proportional attention (softmax(qk) weighted by size) computed through the
-    values: attend to ``[s * v, s]`` and divide by the last channel. For
-    FlashAttention, which wants equal head dims, queries and keys are
-    zero-padded to the values' width, which leaves every logit unchanged.
-    """
+    """Mixin for Qwen-style vision attention (packed ``[tokens, D]``, ``cu_seqlens`` segments):
+    a token of size ``s`` counts as ``s`` patches."""
 
     def forward(self, hidden_states: Tensor, cu_seqlens: Tensor, position_embeddings=None,
                 max_seqlen: int | None = None, luvc_sizes: Tensor | None = None, **kwargs) -> Tensor:
@@ -37,21 +34,23 @@ class SizedVisionAttention:
         q, k = hf.apply_rotary_pos_emb_vision(q, k, *position_embeddings)
         head_dim = q.shape[-1]
         flash = is_flash_attention_requested(self.config)
-        q, k, v = size_weighted(q, k, v, luvc_sizes[:, None, None], flash)
-        width = v.shape[-1]
+        if flash:
+            q, k, v = size_weighted(q, k, v, luvc_sizes[:, None, None])
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
-        common = dict(attention_mask=None, scaling=self.scaling, dropout=0.0, is_causal=False)
+        common = dict(scaling=self.scaling, dropout=0.0, is_causal=False)
         if flash:
             if max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            out = attend(self, q, k, v, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+            out = attend(self, q, k, v, attention_mask=None, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                          max_length_q=max_seqlen, max_length_k=max_seqlen, **common, **kwargs)[0]
+            out = unweight(out.reshape(seq, self.num_heads, -1), head_dim)
         else:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-            chunks = zip(*(torch.split(t, lengths, dim=2) for t in (q, k, v)))
-            out = torch.cat([attend(self, qc, kc, vc, **common, **kwargs)[0] for qc, kc, vc in chunks], dim=1)
-        out = unweight(out.reshape(seq, self.num_heads, width), head_dim)
+            bias = log_sizes(luvc_sizes, q.dtype)[None, None, None, :]
+            chunks = zip(*(torch.split(t, lengths, dim=2) for t in (q, k, v)), torch.split(bias, lengths, dim=-1))
+            out = torch.cat([attend(self, qc, kc, vc, attention_mask=bc, **common, **kwargs)[0]
+                             for qc, kc, vc, bc in chunks], dim=1)
         return self.proj(out.reshape(seq, -1).contiguous())
 
 
@@ -66,24 +65,33 @@ class SizedCLIPAttention:
         shape = (batch, seq, -1, self.head_dim)
         q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         flash = is_flash_attention_requested(self.config)
-        q, k, v = size_weighted(q, k, v, luvc_sizes[:, :, None, None], flash)
+        if flash:
+            q, k, v = size_weighted(q, k, v, luvc_sizes[:, :, None, None])
+        else:
+            bias = log_sizes(luvc_sizes, q.dtype)[:, None, None, :]
+            attention_mask = bias if attention_mask is None else attention_mask + bias
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, clip.eager_attention_forward)
         out, _ = attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                         scaling=self.scale, dropout=0.0, **kwargs)
-        out = unweight(out.reshape(batch, seq, -1, v.shape[-1]), self.head_dim)
+        if flash:
+            out = unweight(out.reshape(batch, seq, -1, v.shape[-1]), self.head_dim)
         return self.out_proj(out.reshape(batch, seq, -1).contiguous()), None
 
 
-def size_weighted(q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, flash: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Values become ``[s * v, s]`` (``sizes`` broadcast to v's shape but its last dim);
-    for FlashAttention all three are zero-padded to one width, a multiple of 8."""
+def log_sizes(sizes: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive attention bias ``log s`` per key, [..., keys]: proportional attention for SDPA and eager."""
+    return sizes.to(torch.float32).log().to(dtype)
+
+
+def size_weighted(q: Tensor, k: Tensor, v: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention's form: values become ``[s * v, s]`` (``sizes`` broadcast to v's shape but
+    its last dim), and all three are zero-padded to one width, a multiple of 8."""
     s = sizes.to(v.dtype).expand(*v.shape[:-1], 1)
     v = torch.cat([v * s, s], dim=-1)
-    if flash:
-        head_dim = q.shape[-1]
-        width = math.ceil((head_dim + 1) / 8) * 8
-        v = F.pad(v, (0, width - head_dim - 1))
-        q, k = F.pad(q, (0, width - head_dim)), F.pad(k, (0, width - head_dim))
+    head_dim = q.shape[-1]
+    width = math.ceil((head_dim + 1) / 8) * 8
+    v = F.pad(v, (0, width - head_dim - 1))
+    q, k = F.pad(q, (0, width - head_dim)), F.pad(k, (0, width - head_dim))
     return q, k, v
 
 

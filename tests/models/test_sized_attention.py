@@ -59,3 +59,19 @@ def test_sized_clip_attention_is_proportional_attention(attn_impl):
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale + sizes.log()[:, None, None, :]
         ref = attn.out_proj(torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v).reshape(2, 9, -1))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_flash_form_equals_the_bias_form():
+    """FlashAttention's form (sizes in the values, q/k/v padded to one width) is exact, checked on CPU."""
+    from luvc.models.sized_attention import log_sizes, size_weighted, unweight
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(12, 4, 10) for _ in range(3))  # [tokens, heads, head_dim]
+    sizes = torch.randint(1, 6, (12,)).float()
+    scale = 10 ** -0.5
+    qp, kp, vp = size_weighted(q, k, v, sizes[:, None, None])
+    assert qp.shape[-1] == kp.shape[-1] == vp.shape[-1] == 16
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    flash_form = unweight(sdpa(*(t.transpose(0, 1) for t in (qp, kp, vp)), scale=scale).transpose(0, 1), 10)
+    bias_form = sdpa(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=log_sizes(sizes, q.dtype), scale=scale)
+    torch.testing.assert_close(flash_form, bias_form.transpose(0, 1), rtol=1e-5, atol=1e-6)
