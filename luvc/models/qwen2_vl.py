@@ -4,7 +4,7 @@
   unit is the 2x2 block the ``PatchMerger`` consumes; OIM merges whole units.
 * Vision attention runs per frame (``cu_seqlens`` from the unit grids) with
   2-D rotary positions (size-weighted means after a merge); merged tokens'
-  sizes re-weight attention through the values (``SizedVisionAttention``).
+  sizes re-weight attention (``SizedVisionAttention``).
 * The LLM sees ``t * h' * w'`` placeholders per image: the caller's
   placeholder runs are shortened to the merged grid and M-RoPE positions are
   computed by the model's own ``get_rope_index`` on that grid.

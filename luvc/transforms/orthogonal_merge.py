@@ -19,9 +19,9 @@ Choices the paper leaves open, made here:
   receives whole units, and the LLM sees a smaller but regular grid.
 * ``r = min(round(ratio * length), length // 2, length - min_size)`` per line.
 * A merged token's rotary position is the size-weighted mean of the patch
-  positions it covers; its ``size`` (patches it stands for) re-weights
-  attention through the values (see the model adapter), so FlashAttention
-  still works.
+  positions it covers; its ``size`` (patches it stands for) re-weights every
+  later attention exactly as those patches would (``luvc.models.sized_attention``:
+  a log-size bias under SDPA and eager, the values under FlashAttention).
 * Before the first block there are no keys; the patch embeddings themselves
   are the similarity metric there.
 * ``axis: alternate`` merges width at the 1st, 3rd, ... occurrence in a
