@@ -99,3 +99,12 @@ def test_cpu_attention_flops_are_counted():
     q, v = torch.randn(2, 4, 64, 16), torch.randn(2, 4, 64, 8)
     flops = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, v))
     assert flops == 2 * 2 * 4 * 64 * 64 * (16 + 8)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl-tiny", "llava-tiny"])
+def test_every_family_runs_through_the_harness(family):
+    model = build_model(family)
+    with torch.no_grad():
+        results = run_speed(model, ["luvc-default"], [BenchInput(224)], repeats=1, warmup=0, new_tokens=1)
+    assert [m.schedule for m in results] == ["identity", "luvc-default"]
+    assert results[1].ratios["llm_flops"] < 0.7 and results[1].ratios["vision_flops"] < 1.0

@@ -86,17 +86,12 @@ def make_inputs(model, spec: BenchInput) -> dict:
 def measure(model, inputs: dict, schedule: str, spec: BenchInput, repeats: int, warmup: int, new_tokens: int,
             device: str) -> Measurement:
     """Measure the compiled ``model`` on ``inputs`` (see the module docstring for what)."""
-    vision_kw = {k: v for k, v in inputs.items() if k.startswith("pixel") or k.endswith("grid_thw")}
     text_kw = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    pixel_kwargs = model.model._luvc_pixel_kwargs  # the compiled family's encoder arguments, per modality
 
     def encode() -> dict:
-        out = {}
-        if "pixel_values" in vision_kw:
-            out["image"] = model.model.get_image_features(vision_kw["pixel_values"], vision_kw["image_grid_thw"])
-        if "pixel_values_videos" in vision_kw:
-            out["video"] = model.model.get_video_features(vision_kw["pixel_values_videos"],
-                                                          vision_kw["video_grid_thw"])
-        return out
+        return {kind: getattr(model.model, f"get_{kind}_features")(*(inputs.get(name) for name in names))
+                for kind, names in pixel_kwargs.items() if inputs.get(names[0]) is not None}
 
     with torch.inference_mode():
         encoded = encode()
