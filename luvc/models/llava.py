@@ -17,7 +17,6 @@ What is specific to LLaVA, and lives here:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +26,7 @@ from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
-from luvc.models.runtime import CompiledVLM, ExpandingGeneration, vision_output
+from luvc.models.runtime import CompiledVLM, install_compiled, uninstall_compiled, vision_output
 from luvc.models.sized_attention import SizedCLIPAttention
 from luvc.registry import hookimpl
 from luvc.state import LedgerRow, VisionState
@@ -155,31 +154,12 @@ class LlavaAdapter:
         return (1, side, side), 1
 
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        from luvc.fx.passes import section
-
-        inner = model.model
-        layers = inner.vision_tower.encoder.layers[: self._used_layers(model)]
-        record = {"outer": type(model), "inner": type(inner),
-                  "attention": [(layer.self_attn, type(layer.self_attn)) for layer in layers]}
-        for layer in layers:
-            layer.self_attn.__class__ = _subclass(type(layer.self_attn), SizedCLIPAttention, "Luvc")
-        inner.__class__ = _subclass(type(inner), CompiledLlavaModel, "Luvc")
-        model.__class__ = _subclass(type(model), ExpandingGeneration, "")
-        inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
-        return record
+        layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
+        return install_compiled(model, graph, CompiledLlavaModel, [layer.self_attn for layer in layers],
+                                SizedCLIPAttention)
 
     def uninstall(self, model: nn.Module, record: dict) -> None:
-        model.__class__ = record["outer"]
-        model.model.__class__ = record["inner"]
-        for attn, cls in record["attention"]:
-            attn.__class__ = cls
-        model.model.__dict__.pop("_luvc_sections", None)
-        model.model.__dict__.pop("luvc_ledger", None)
-
-
-@functools.cache
-def _subclass(cls: type, mixin: type, prefix: str) -> type:
-    return type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+        uninstall_compiled(model, record)
 
 
 @hookimpl

@@ -31,7 +31,7 @@ class WindowedVisionBlockNode(VisionBlockNode):
 
     def forward(self, state: VisionState) -> VisionState:
         state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
-        scratch = state.scratch
+        scratch = self._layout(state)
         if "window_order" not in scratch:
             visual = self.visual[0]
             m = visual.spatial_merge_size
@@ -43,9 +43,9 @@ class WindowedVisionBlockNode(VisionBlockNode):
             lengths = (cu_windows[1:] - cu_windows[:-1]).tolist()
             scratch["cu_windows"] = _cumulative(lengths, state.hidden.device)
             scratch["max_window"] = max(lengths)
-            cos, sin = visual.rotary_pos_emb(state.hidden, state.positions)
+            cos, sin = scratch["rope"]
             scratch["window_rope"] = (cos[order], sin[order])
-            scratch["window_sizes"] = state.sizes[order] if bool((state.sizes != 1).any()) else None
+            scratch["window_sizes"] = state.sizes[order] if scratch["sized"] else None
         order, restore = scratch["window_order"], scratch["window_restore"]
         hidden, keys = self._call(state.hidden[order], scratch["cu_windows"], scratch["max_window"],
                                   scratch["window_rope"], scratch["window_sizes"])

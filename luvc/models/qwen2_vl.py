@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from transformers.vision_utils import get_vision_position_ids
 
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
-from luvc.models.runtime import CompiledVLM, ExpandingGeneration, vision_output
+from luvc.models.runtime import CompiledVLM, install_compiled, uninstall_compiled, vision_output
 from luvc.models.sized_attention import SizedVisionAttention
 from luvc.registry import hookimpl
 from luvc.state import LedgerRow, VisionState
@@ -45,6 +44,13 @@ class VisionBlockNode(StackNode):
 
     def forward(self, state: VisionState) -> VisionState:
         state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
+        scratch = self._layout(state)
+        hidden, keys = self._call(state.hidden, scratch["cu_seqlens"], scratch["max_seqlen"], scratch["rope"],
+                                  state.sizes if scratch["sized"] else None)
+        return dataclasses.replace(state, hidden=hidden, keys=keys)
+
+    def _layout(self, state: VisionState) -> dict:
+        """Per-frame segments, rotary embeddings and whether sizes matter: computed once per state."""
         scratch = state.scratch
         if "cu_seqlens" not in scratch:
             seqlens = [h * w * state.unit for t, h, w in state.grids for _ in range(t)]
@@ -52,9 +58,7 @@ class VisionBlockNode(StackNode):
             scratch["max_seqlen"] = max(seqlens)
             scratch["rope"] = self.visual[0].rotary_pos_emb(state.hidden, state.positions)
             scratch["sized"] = bool((state.sizes != 1).any())
-        hidden, keys = self._call(state.hidden, scratch["cu_seqlens"], scratch["max_seqlen"], scratch["rope"],
-                                  state.sizes if scratch["sized"] else None)
-        return dataclasses.replace(state, hidden=hidden, keys=keys)
+        return scratch
 
     def _call(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int, rope,
               sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -131,43 +135,13 @@ class Qwen2VLAdapter:
         return (t, h // patch // m, w // patch // m), m * m
 
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        from luvc.fx.passes import section
-
-        inner = model.model
-        record = {"outer": type(model), "inner": type(inner),
-                  "attention": [(b.attn, type(b.attn)) for b in inner.visual.blocks]}
-        for block in inner.visual.blocks:
-            block.attn.__class__ = _sized(type(block.attn))
-        inner.__class__ = _compiled(type(inner), self.compiled_mixin)
-        model.__class__ = _expanding(type(model))
-        inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
-        inner.rope_deltas = None
-        return record
+        model.model.rope_deltas = None
+        return install_compiled(model, graph, self.compiled_mixin, [b.attn for b in model.model.visual.blocks],
+                                SizedVisionAttention)
 
     def uninstall(self, model: nn.Module, record: dict) -> None:
-        inner = model.model
-        model.__class__ = record["outer"]
-        inner.__class__ = record["inner"]
-        for attn, cls in record["attention"]:
-            attn.__class__ = cls
-        inner.__dict__.pop("_luvc_sections", None)
-        inner.__dict__.pop("luvc_ledger", None)
-        inner.rope_deltas = None
-
-
-@functools.cache
-def _sized(cls: type) -> type:
-    return type(f"Luvc{cls.__name__}", (SizedVisionAttention, cls), {})
-
-
-@functools.cache
-def _compiled(cls: type, mixin: type) -> type:
-    return type(f"Luvc{cls.__name__}", (mixin, cls), {})
-
-
-@functools.cache
-def _expanding(cls: type) -> type:
-    return type(cls.__name__, (ExpandingGeneration, cls), {"__module__": cls.__module__})
+        uninstall_compiled(model, record)
+        model.model.rope_deltas = None
 
 
 class CompiledQwen2VLModel(CompiledVLM):

@@ -8,8 +8,10 @@ which forward keywords carry pixels, and how position ids are made.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 
@@ -177,3 +179,38 @@ class ExpandingGeneration:
                 value = getattr(out, name)
                 setattr(out, name, value[order] if isinstance(value, Tensor) else [value[i] for i in order])
         return mm_encoder_output
+
+
+@functools.cache
+def swapped(cls: type, mixin: type, prefix: str = "Luvc") -> type:
+    """``cls`` with ``mixin`` in front: the class a module is swapped to (``isinstance`` still holds)."""
+    return type(f"{prefix}{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+
+
+def install_compiled(model: nn.Module, graph: nn.Module, inner_mixin: type, attention: list[nn.Module],
+                     attention_mixin: type) -> dict:
+    """Swap ``model`` (outer), ``model.model`` (inner) and the ``attention`` modules to their luvc
+    subclasses and hand the inner model the graph's sections; return what ``uninstall_compiled`` needs.
+
+    The outer class keeps its name, so ``save_pretrained`` records the original architecture.
+    """
+    from luvc.fx.passes import section
+
+    inner = model.model
+    record = {"outer": type(model), "inner": type(inner), "attention": [(m, type(m)) for m in attention]}
+    for module in attention:
+        module.__class__ = swapped(type(module), attention_mixin)
+    inner.__class__ = swapped(type(inner), inner_mixin)
+    model.__class__ = swapped(type(model), ExpandingGeneration, prefix="")
+    inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
+    return record
+
+
+def uninstall_compiled(model: nn.Module, record: dict) -> None:
+    """Undo ``install_compiled`` exactly."""
+    model.__class__ = record["outer"]
+    model.model.__class__ = record["inner"]
+    for module, cls in record["attention"]:
+        module.__class__ = cls
+    model.model.__dict__.pop("_luvc_sections", None)
+    model.model.__dict__.pop("luvc_ledger", None)
