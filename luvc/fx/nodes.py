@@ -46,15 +46,19 @@ class TransformNode(StackNode):
 
     kind = "transform"
 
-    def __init__(self, spec: TransformSpec, params: Any, label: str) -> None:
+    def __init__(self, spec: TransformSpec, params: Any, label: str, layer: nn.Module | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.params = params
         self.site = spec.site
         self.label = label
+        self.layer = [layer]  # a list keeps the next block out of this node's children
 
     def forward(self, state):
-        out = self.spec.run(state, self.params)
+        if self.spec.needs_layer:
+            out = self.spec.run(state, self.params, layer=self.layer[0])
+        else:
+            out = self.spec.run(state, self.params)
         if not state.decoding:
             before, after = _counts(state), _counts(out)
             row = state.ledger_row(self.label) if self.site == "llm" else LedgerRow(self.label, self.site, before)

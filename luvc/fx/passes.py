@@ -58,8 +58,9 @@ def insert_transforms(gm: StackGraphModule, schedule: Schedule) -> StackGraphMod
             occurrences[ins.transform] = k + 1
             params = spec.bind(params_of(getattr(schedule, stage)[ins.step_index]), k)
             target = f"{stage}.transforms.{ins.transform}_{k}"
-            attach(gm, target, TransformNode(spec, params, target))
             before = blocks[ins.position] if ins.position < len(blocks) else stack_exit(gm, stage)
+            layer = gm.get_submodule(before.target) if spec.needs_layer else None
+            attach(gm, target, TransformNode(spec, params, target, layer))
             upstream = before.args[0]
             with gm.graph.inserting_before(before):
                 node = gm.graph.call_module(target, (upstream,))

@@ -8,6 +8,7 @@ model from one 2-D attention mask.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +107,46 @@ class DecoderLayerNode(StackNode):
             use_cache=state.cache is not None,
         )
         return _with_hidden(state, hidden)
+
+
+def _rotated(node: DecoderLayerNode, state: LLMState) -> tuple[Tensor, Tensor]:
+    """Post-rotary queries [B, H, S, d] and keys [B, Hkv, S, d] of ``node``'s attention on ``state``."""
+    attn = node.block.self_attn
+    x = node.block.input_layernorm(state.hidden)
+    batch, length = x.shape[:2]
+    q = attn.q_proj(x).view(batch, length, -1, attn.head_dim)
+    k = attn.k_proj(x).view(batch, length, -1, attn.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    positions = state.position_ids[0] if state.position_ids.shape[0] == 1 else state.position_ids
+    cos, sin = node.rotary[0](x, positions)
+    apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    return apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+
+
+def layer_keys(node: DecoderLayerNode, state: LLMState) -> Tensor:
+    """[B, S, Hkv * d] the post-rotary keys ``node`` computes for ``state``'s tokens."""
+    _, k = _rotated(node, state)
+    return k.transpose(1, 2).flatten(2)
+
+
+def attention_rows(node: DecoderLayerNode, state: LLMState, rows: Tensor) -> Tensor:
+    """[B, R, S] head-averaged attention probabilities from the queries at ``rows`` [B, R].
+
+    Recomputed from the layer's own norm, projections, rotary and scale, with
+    the causal and padding masks, so methods that rank tokens by attention
+    run under SDPA and FlashAttention without materialising any attention
+    matrix: the cost is O(H * R * S * d) instead of O(H * S^2 * d).
+    """
+    attn = node.block.self_attn
+    q, k = _rotated(node, state)
+    q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, S]
+    key_index = torch.arange(k.shape[2], device=k.device)
+    allowed = state.valid[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
 
 
 class FinalNormNode(StackNode):

@@ -35,6 +35,10 @@ class TransformSpec:
         bind: ``bind(params, occurrence)`` fixes per-occurrence choices when
             the schedule is lowered (OIM alternates its axis this way).
         summary: One line for listings.
+        needs_layer: ``llm`` transforms only: ``run(state, params, layer=node)``
+            also gets the decoder-layer node it runs before, to recompute what
+            that layer would compute (attention rows, keys) without changing
+            the attention kernel.
     """
 
     name: str
@@ -45,3 +49,4 @@ class TransformSpec:
     eliminates: Callable[[Any], bool] = field(default=lambda params: False)
     bind: Callable[[Any, int], Any] = field(default=_unchanged)
     summary: str = ""
+    needs_layer: bool = False

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from luvc.registry import TransformSpec, hookimpl
 from luvc.state import VisionState, round_half_up
+from luvc.transforms.merging import merge_units
 
 
 class OIMParams(BaseModel):
@@ -98,28 +99,7 @@ def neighbor_merge(
     best = torch.maximum(sim_left, sim_right)
     dst = torch.where(sim_right >= sim_left, right, left).expand(lines, -1)
     chosen = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]  # [R, r] into a_idx
-    src_pos = a_idx[chosen]
-    dst_pos = dst.gather(1, chosen)
-
-    w = sizes.float()
-    weighted = torch.cat([x.float() * w[..., None], positions * w[..., None], w[..., None]], dim=-1)
-    feat = weighted.shape[-1]
-    unit = weighted.shape[2]
-
-    def lines_index(pos: Tensor) -> Tensor:
-        return pos[:, :, None, None].expand(lines, r, unit, feat)
-
-    moved = weighted.gather(1, lines_index(src_pos))
-    merged = weighted.scatter_add(1, lines_index(dst_pos), moved)
-    keep = torch.ones(lines, width, dtype=torch.bool, device=device)
-    keep.scatter_(1, src_pos, False)
-    kept = keep.nonzero()[:, 1].view(lines, width - r)
-    merged = merged.gather(1, kept[:, :, None, None].expand(lines, width - r, unit, feat))
-    dim = x.shape[-1]
-    new_sizes = merged[..., -1]
-    new_x = (merged[..., :dim] / new_sizes[..., None]).to(x.dtype)
-    new_pos = merged[..., dim:dim + 2] / new_sizes[..., None]
-    return new_x, new_sizes, new_pos
+    return merge_units(x, sizes, positions, a_idx[chosen], dst.gather(1, chosen))
 
 
 def orthogonal_merge(state: VisionState, params: OIMParams) -> VisionState:

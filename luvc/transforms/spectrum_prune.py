@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from luvc.registry import TransformSpec, hookimpl
-from luvc.state import LLMState, compact, round_half_up
+from luvc.state import LLMState
+from luvc.transforms.selection import keep_count, prune_visual
 
 
 class SPUParams(BaseModel):
@@ -83,32 +84,14 @@ def spu_scores(hidden: Tensor, visual: Tensor, params: SPUParams) -> Tensor:
     return scores
 
 
-def keep_top(scores: Tensor, candidates: Tensor, keep_counts: Tensor) -> Tensor:
-    """[B, S] mask: every non-candidate, plus the ``keep_counts[b]`` best candidates of row b."""
-    masked = scores.masked_fill(~candidates, float("-inf"))
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return ~candidates | (rank < keep_counts[:, None])
-
-
 def plan_count(params: SPUParams, n: int) -> int:
     """Visual tokens left of ``n`` arriving."""
-    return round_half_up(params.keep * n)
+    return keep_count(params.keep, n)
 
 
 def spectrum_prune(state: LLMState, params: SPUParams) -> LLMState:
     """One SPU step: keep ``round(keep * n)`` visual tokens per sample, by low-pass energy."""
-    visual = state.visual & state.valid
-    counts = visual.sum(dim=1)
-    keep_counts = torch.tensor([plan_count(params, int(n)) for n in counts], device=counts.device)
-    if bool((keep_counts == counts).all()):
-        return state
-    if params.keep == 0.0:
-        keep = ~visual
-    else:
-        keep = keep_top(spu_scores(state.hidden, visual, params), visual, keep_counts)
-    return compact(state, keep)
+    return prune_visual(state, params.keep, lambda visual: spu_scores(state.hidden, visual, params))
 
 
 @hookimpl
