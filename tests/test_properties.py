@@ -1,4 +1,4 @@
-"""Hypothesis over random schedules, image grids, batch sizes and padding, on a real Qwen2-VL.
+"""Hypothesis over random schedules (LUVC and every baseline), grids, batches and padding, on every family.
 
 Properties: logits keep the caller's shape; the visual count never grows along
 either stack and is 0 at the final layer whenever the schedule claims so; text
@@ -20,18 +20,30 @@ MODELS = {name: build_model(name) for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny
 PHOTO = sample_image("astronaut")
 
 positions = st.one_of(st.integers(0, 3), st.floats(0.0, 0.7))
-vision_step = st.fixed_dictionaries({
-    "transform": st.just("orthogonal_merge"),
-    "at": st.one_of(st.integers(0, 4), st.floats(0.0, 1.0)),
-    "params": st.fixed_dictionaries({"ratio": st.floats(0.05, 0.5), "axis": st.sampled_from(["alternate", "width",
-                                                                                             "height"]),
-                                     "min_size": st.integers(1, 2)}),
-})
-llm_step = st.fixed_dictionaries({
-    "transform": st.just("spectrum_prune"),
-    "at": st.lists(positions, min_size=1, max_size=3),
-    "params": st.fixed_dictionaries({"keep": st.floats(0.05, 1.0), "axis": st.sampled_from(["hidden", "sequence"])}),
-})
+vision_at = st.one_of(st.integers(0, 4), st.floats(0.0, 1.0))
+vision_step = st.one_of(
+    st.fixed_dictionaries({
+        "transform": st.just("orthogonal_merge"), "at": vision_at,
+        "params": st.fixed_dictionaries({"ratio": st.floats(0.05, 0.5),
+                                         "axis": st.sampled_from(["alternate", "width", "height"]),
+                                         "min_size": st.integers(1, 2)}),
+    }),
+    st.fixed_dictionaries({"transform": st.just("tome"), "at": vision_at,
+                           "params": st.fixed_dictionaries({"ratio": st.floats(0.05, 0.5)})}),
+    st.fixed_dictionaries({"transform": st.just("uniform_pool"), "at": vision_at,
+                           "params": st.fixed_dictionaries({"stride": st.tuples(st.integers(1, 3),
+                                                                                st.integers(1, 3))})}),
+)
+keep = st.floats(0.05, 1.0)
+llm_step = st.one_of(
+    st.fixed_dictionaries({
+        "transform": st.just("spectrum_prune"), "at": st.lists(positions, min_size=1, max_size=3),
+        "params": st.fixed_dictionaries({"keep": keep, "axis": st.sampled_from(["hidden", "sequence"])}),
+    }),
+    *[st.fixed_dictionaries({"transform": st.just(name), "at": st.lists(positions, min_size=1, max_size=3),
+                             "params": st.fixed_dictionaries({"keep": keep})})
+      for name in ("fastv", "pyramid_drop", "dart", "random_drop")],
+)
 
 
 @st.composite

@@ -21,6 +21,12 @@ AUTOLOAD_ENV = "LUVC_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS = (
     "luvc.transforms.orthogonal_merge",
     "luvc.transforms.spectrum_prune",
+    "luvc.transforms.fastv",
+    "luvc.transforms.pyramid_drop",
+    "luvc.transforms.dart",
+    "luvc.transforms.tome",
+    "luvc.transforms.random_drop",
+    "luvc.transforms.uniform_pool",
     "luvc.models.qwen2_vl",
     "luvc.models.qwen2_5_vl",
     "luvc.models.llava",

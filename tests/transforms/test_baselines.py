@@ -1,0 +1,128 @@
+"""Baseline methods on every family: attention rows recomputed exactly, budgets met, text kept, generate works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy_without_cache
+
+import luvc
+from luvc.models.llm import DecoderLayerNode, attention_rows
+from luvc.registry import get_registry
+from luvc.state import LLMState
+from luvc.transforms.dart import duplication_scores
+from luvc.zoo import build_model, model_config, vlm_inputs
+
+
+def _schedule(site: str, transform: str, at, **params) -> dict:
+    return {"name": f"{transform}-test", site: [{"transform": transform, "at": at, "params": params}]}
+
+
+#: One schedule per method, as a user would write it (4-layer LLM, 4-block vision tower).
+METHODS = {
+    "fastv": _schedule("llm", "fastv", 2, keep=0.3),
+    "pyramid_drop": _schedule("llm", "pyramid_drop", [1, 2, 3], keep=0.5),
+    "dart": _schedule("llm", "dart", 2, keep=0.25, pivots=2),
+    "random_drop": _schedule("llm", "random_drop", 0, keep=0.4, seed=3),
+    "tome": _schedule("vision", "tome", "0:4", ratio=0.2),
+    "uniform_pool": _schedule("vision", "uniform_pool", 1.0, stride=[2, 2]),
+}
+#: Methods whose choice depends on the prompt's last tokens.
+QUERY_DEPENDENT = {"fastv", "pyramid_drop", "dart"}
+
+
+def _rope_positions(model, inputs) -> torch.Tensor:
+    if model.config.model_type == "llava":
+        return torch.arange(inputs["input_ids"].shape[1]).expand(1, *inputs["input_ids"].shape)
+    return model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                      image_grid_thw=inputs.get("image_grid_thw"),
+                                      attention_mask=inputs["attention_mask"])[0]
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_recomputed_attention_rows_equal_eager_probabilities(family, layer, astronaut, coffee):
+    """The last token's head-averaged attention row, recomputed from q/k, equals eager attention's."""
+    model = build_model(family, attn="eager")
+    inputs = vlm_inputs([[astronaut], [coffee[:150, :300]]], prompts=[(10, 11), (12, 13, 14, 15)],
+                        pixels=160 * 160, config=model_config(family))
+    out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    lm = model.model.language_model
+    node = DecoderLayerNode(lm.layers[layer], layer, lm.rotary_emb)
+    valid = inputs["attention_mask"].bool()
+    state = LLMState(out.hidden_states[layer], valid, torch.zeros_like(valid), _rope_positions(model, inputs),
+                     torch.zeros_like(inputs["input_ids"]))
+    length = valid.shape[1]
+    rows = torch.tensor([[length - 1], [length - 3]])
+    recomputed = attention_rows(node, state, rows)
+    eager = out.attentions[layer].mean(dim=1)
+    expected = torch.stack([eager[0, length - 1], eager[1, length - 3]])[:, None]
+    torch.testing.assert_close(recomputed, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_compiles_meets_its_budget_and_generates(method, family, mixed_batch_inputs):
+    """Cached generate equals recomputing the prompt; each step removes exactly its planned count; text is kept."""
+    model = build_model(family)
+    luvc.compile(model, METHODS[method])
+    cached = model.generate(**mixed_batch_inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+    assert cached.shape == (3, 3)
+    if method in QUERY_DEPENDENT:  # ranked by the newest token: re-running a longer prompt prunes differently
+        first = model(**mixed_batch_inputs).logits[:, -1].argmax(-1)
+        assert torch.equal(cached[:, 0], first)
+    else:
+        assert torch.equal(cached, greedy_without_cache(model, mixed_batch_inputs, 3))
+    rows = luvc.ledger(model)
+    steps = [r for r in rows if r.transform]
+    assert steps, "the method ran"
+    llm = [r for r in rows if r.site == "llm"]
+    assert len({tuple(r.text) for r in llm}) == 1, "text tokens are never dropped"
+    spec = get_registry().transforms[method]
+    for row in steps:
+        params = next(m.params for m in model.luvc_graph.modules() if getattr(m, "label", None) == row.node)
+        if spec.site == "llm":
+            after = [spec.plan(params, n) for n in row.visual]
+            assert [n - a for n, a in zip(row.visual, after)] == row.removed, "budget met exactly"
+    if spec.site == "vision":
+        assert sum(llm[0].visual) < sum(_uncompressed_visual(family, mixed_batch_inputs))
+
+
+def _uncompressed_visual(family, inputs) -> list[int]:
+    config = model_config(family)
+    tokens = [config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index]
+    tokens += [getattr(config, "video_token_id", -1)]
+    return [int(sum((row == t).sum() for t in tokens)) for row in inputs["input_ids"]]
+
+
+def test_fastv_keeps_the_tokens_the_last_token_attends_to(tiny_model, single_image_inputs):
+    """FastV's kept set is the top-k of the recomputed attention row (checked against a direct ranking)."""
+    luvc.compile(tiny_model, METHODS["fastv"])
+    captured = {}
+    node = next(m for m in tiny_model.luvc_graph.modules() if getattr(m, "label", "").endswith("fastv_0"))
+    node.register_forward_hook(lambda m, args, out: captured.update(before=args[0], after=out))
+    tiny_model(**single_image_inputs)
+    before, after = captured["before"], captured["after"]
+    layer = node.layer[0]
+    last = torch.tensor([[before.hidden.shape[1] - 1]])
+    scores = attention_rows(layer, before, last)[0, 0].masked_fill(~before.visual[0], float("-inf"))
+    k = int(after.visual[0].sum())
+    expected = set(before.source[0, scores.topk(k).indices].tolist())
+    assert set(after.source[0, after.visual[0]].tolist()) == expected
+
+
+def test_dart_keeps_pivots_and_exactly_k():
+    torch.manual_seed(0)
+    hidden, keys = torch.randn(20, 8), torch.randn(20, 8)
+    visual = torch.zeros(20, dtype=torch.bool)
+    visual[2:14] = True
+    text = torch.zeros(20, dtype=torch.bool)
+    text[14:] = True
+    keys[5] *= 100  # the largest-norm visual key is a pivot
+    scores = duplication_scores(hidden, keys, visual, text, k=5, pivots=2)
+    assert int((scores > 0).sum()) == 5 and scores[5] == 2.0
+    assert not bool((scores[~visual] > 0).any())
+
+
+def test_random_drop_is_seeded(tiny_model, single_image_inputs):
+    luvc.compile(tiny_model, METHODS["random_drop"])
+    first = tiny_model(**single_image_inputs).logits
+    assert torch.equal(tiny_model(**single_image_inputs).logits, first)
