@@ -1,0 +1,129 @@
+"""Matched budgets: every method's schedule solved for the same mean visual tokens per LLM layer.
+
+The budget of a schedule is ``B = (1/L) * sum_l n_l``, the mean number of
+visual tokens entering each of the ``L`` decoder layers (the convention of
+most comparison tables); a method that compresses before the LLM has
+``B`` = the tokens it passes on. ``planned_budget`` computes it from the
+transforms' static count rules, with no model, so each method's one knob
+(keep fraction, lambda, merge ratio) is solved by bisection to hit a target
+fraction of the uncompressed count.
+
+The shipped ``<method>-<third|quarter|ninth>`` presets are solved for the
+reference shape of Qwen2-VL-7B at 448 x 448 (28 decoder layers, 32 vision
+blocks, 16 x 16 merged tokens) and regenerated with
+``python -m luvc.schedules.budgets``; ``matched_schedule`` solves them for
+any other depth or grid (the fidelity benchmark does so for its model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from luvc.registry import get_registry
+from luvc.schedules.loader import params_of
+from luvc.schedules.placement import resolve_positions
+from luvc.schedules.schema import Schedule
+
+#: Target fractions of the uncompressed visual-token count.
+BUDGETS = {"third": 1 / 3, "quarter": 1 / 4, "ninth": 1 / 9}
+#: Reference shape the shipped presets are solved for: Qwen2-VL-7B, 448 x 448 image.
+REFERENCE = dict(llm_depth=28, vision_depth=32, grid=(1, 16, 16))
+
+
+def planned_budget(schedule: Schedule, llm_depth: int, vision_depth: int, grid: tuple[int, int, int]) -> float:
+    """Mean visual tokens entering each decoder layer for one image of unit ``grid``."""
+    registry = get_registry()
+    for stage, depth in (("vision", vision_depth), ("llm", llm_depth)):
+        plan = sorted((pos, i) for i in range(len(getattr(schedule, stage)))
+                      for pos in resolve_positions(schedule, stage, i, depth))
+        occurrences: dict[str, int] = {}
+        steps = []
+        for pos, i in plan:
+            step = getattr(schedule, stage)[i]
+            spec = registry.transforms[step.transform]
+            k = occurrences.get(step.transform, 0)
+            occurrences[step.transform] = k + 1
+            steps.append((pos, spec, spec.bind(params_of(step), k)))
+        if stage == "vision":
+            for _, spec, params in steps:
+                grid = spec.plan(params, grid)
+            tokens = math.prod(grid)
+            continue
+        total = 0
+        for layer in range(llm_depth):
+            for _, spec, params in (s for s in steps if s[0] == layer):
+                tokens = spec.plan(params, tokens)
+            total += tokens
+    return total / llm_depth
+
+
+def _step(transform: str, at, **params) -> dict:
+    return {"transform": transform, "at": at, "params": params}
+
+
+#: method -> (knob range, schedule as a function of the knob). Defaults follow each method's paper.
+TEMPLATES: dict[str, tuple[tuple[float, float], Callable[[float], dict]]] = {
+    "luvc": ((0.0, 1.0), lambda q: {
+        "eliminate_visual": True,
+        "vision": [_step("orthogonal_merge", [0.25, 0.5, 0.75], ratio=0.15)],
+        "llm": [_step("spectrum_prune", [0.1, 0.25, 0.4, 0.55], keep=round(q, 4)),
+                _step("spectrum_prune", 0.7, keep=0.0)]}),
+    "fastv": ((0.0, 1.0), lambda q: {"llm": [_step("fastv", 2, keep=round(q, 4))]}),
+    "pyramid_drop": ((0.0, 1.0), lambda q: {"llm": [_step("pyramid_drop", [0.0625, 0.25, 0.5], keep=round(q, 4))]}),
+    "dart": ((0.0, 1.0), lambda q: {"llm": [_step("dart", 2, keep=round(q, 4), pivots=4)]}),
+    "random_drop": ((0.0, 1.0), lambda q: {"llm": [_step("random_drop", 0, keep=round(q, 4), seed=0)]}),
+    "tome": ((0.0, 0.5), lambda q: {"vision": [_step("tome", "0:", ratio=max(round(q, 4), 1e-4))]}),
+}
+#: Pooling cannot be solved continuously: the stride whose result is nearest each budget.
+POOL_STRIDES = {"third": (3, 1), "quarter": (2, 2), "ninth": (3, 3)}
+
+
+def matched_schedule(method: str, budget: str, llm_depth: int, vision_depth: int,
+                     grid: tuple[int, int, int]) -> Schedule:
+    """``method``'s schedule whose planned budget is nearest ``BUDGETS[budget]`` of the uncompressed count."""
+    target = BUDGETS[budget] * math.prod(grid)
+    name = f"{method}-{budget}"
+    if method == "uniform_pool":
+        data = {"vision": [_step("uniform_pool", 1.0, stride=list(POOL_STRIDES[budget]))]}
+        return _finish(name, method, budget, data)
+    (lo, hi), template = TEMPLATES[method]
+    increasing = planned_budget(_finish(name, method, budget, template(hi)), llm_depth, vision_depth, grid) >= \
+        planned_budget(_finish(name, method, budget, template(lo)), llm_depth, vision_depth, grid)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        value = planned_budget(_finish(name, method, budget, template(mid)), llm_depth, vision_depth, grid)
+        if (value < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    candidates = [_finish(name, method, budget, template(x)) for x in (lo, hi)]
+    return min(candidates, key=lambda s: abs(planned_budget(s, llm_depth, vision_depth, grid) - target))
+
+
+def _finish(name: str, method: str, budget: str, data: dict) -> Schedule:
+    fraction = {"third": "1/3", "quarter": "1/4", "ninth": "1/9"}[budget]
+    description = f"{method}, {fraction} of the visual tokens per LLM layer on average (matched budget)"
+    return Schedule.model_validate({"name": name, "description": description, **data})
+
+
+def reference_presets() -> dict[str, Schedule]:
+    """Every method at every budget, solved for the reference shape."""
+    methods = ["luvc", *[m for m in TEMPLATES if m != "luvc"], "uniform_pool"]
+    return {f"{m}-{b}": matched_schedule(m, b, **REFERENCE) for m in methods for b in BUDGETS}
+
+
+def write_presets(folder: Path) -> list[Path]:
+    """Write the matched presets as YAML files into ``folder``."""
+    paths = []
+    for name, schedule in reference_presets().items():
+        path = folder / f"{name}.yaml"
+        path.write_text(schedule.to_yaml())
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for written in write_presets(Path(__file__).parent / "presets"):
+        print(written)

@@ -1,0 +1,49 @@
+"""Matched-budget presets: generated, loadable, and on budget both statically and at run time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import luvc
+from luvc.schedules import load_schedule
+from luvc.schedules.budgets import BUDGETS, REFERENCE, matched_schedule, planned_budget, reference_presets
+from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
+
+PRESETS = reference_presets()
+
+
+def test_shipped_preset_files_are_the_solved_schedules():
+    """The YAML files are exactly what the solver produces (regenerate with python -m luvc.schedules.budgets)."""
+    for name, schedule in PRESETS.items():
+        assert load_schedule(name).to_yaml() == schedule.to_yaml(), name
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_matched_preset_is_within_a_token_of_its_budget(name):
+    method, budget = name.rsplit("-", 1)
+    tokens = math.prod(REFERENCE["grid"])
+    planned = planned_budget(load_schedule(name), **REFERENCE)
+    if method == "uniform_pool":  # strides reach only some budgets; the nearest is shipped
+        assert abs(planned / tokens - BUDGETS[budget]) < 0.05
+    else:
+        assert abs(planned - BUDGETS[budget] * tokens) <= 1.0
+
+
+def test_matched_schedules_adapt_to_another_depth():
+    for method in ("luvc", "fastv", "tome"):
+        schedule = matched_schedule(method, "quarter", llm_depth=8, vision_depth=4, grid=(1, 16, 16))
+        assert abs(planned_budget(schedule, 8, 4, (1, 16, 16)) - 64) <= 1.0
+
+
+@pytest.mark.parametrize("method", ["luvc", "fastv", "pyramid_drop", "dart", "random_drop", "tome", "uniform_pool"])
+def test_run_time_budget_equals_the_plan_at_the_reference_depth(method):
+    """On a Qwen2-VL with the reference depths and a 448 px image, the ledger's mean per layer is the planned one."""
+    model = build_model("qwen2-vl-tiny", layers=REFERENCE["llm_depth"], vision_layers=REFERENCE["vision_depth"])
+    inputs = vlm_inputs([[sample_image("astronaut")]], pixels=448 * 448, config=model_config("qwen2-vl-tiny"))
+    luvc.compile(model, f"{method}-quarter")
+    model(**inputs)
+    layers = [r for r in luvc.ledger(model) if r.site == "llm" and r.node.startswith("llm.layers.")]
+    measured = sum(r.visual[0] for r in layers) / len(layers)
+    assert measured == pytest.approx(planned_budget(load_schedule(f"{method}-quarter"), **REFERENCE))
