@@ -46,6 +46,7 @@ class VisionState:
     grids: tuple[tuple[int, int, int], ...]  # per image: (t, h, w) in units
     unit: int
     keys: Tensor | None = None  # [N, Dk] similarity metric captured from the last block
+    attention: Tensor | None = None  # [N] attention each token received in the last block, when asked for
     prefix: Tensor | None = None  # [images, P, D] tokens every image attends to but that never merge (CLS)
     decoding = False
     log: list[LedgerRow] = field(default_factory=list)
@@ -53,7 +54,9 @@ class VisionState:
     site = "vision"
 
     def replace(self, **changes) -> VisionState:
-        """A new state with ``changes``; the adapter's cache is dropped, the ledger shared."""
+        """A new state with ``changes``; the adapter's cache and the last block's keys and attention
+        (which describe the old tokens) are dropped unless given, the ledger shared."""
+        changes = {"keys": None, "attention": None, **changes}
         return dataclasses.replace(self, scratch={}, **changes)
 
     def tokens_per_image(self) -> list[int]:

@@ -59,7 +59,7 @@ def insert_transforms(gm: StackGraphModule, schedule: Schedule) -> StackGraphMod
             params = spec.bind(params_of(getattr(schedule, stage)[ins.step_index]), k)
             target = f"{stage}.transforms.{ins.transform}_{k}"
             before = blocks[ins.position] if ins.position < len(blocks) else stack_exit(gm, stage)
-            layer = gm.get_submodule(before.target) if spec.needs_layer else None
+            layer = gm.get_submodule(before.target) if spec.needs_layer and stage == "llm" else None
             attach(gm, target, TransformNode(spec, params, target, layer))
             upstream = before.args[0]
             with gm.graph.inserting_before(before):
@@ -67,19 +67,39 @@ def insert_transforms(gm: StackGraphModule, schedule: Schedule) -> StackGraphMod
             node.meta.update(site=stage, kind="transform", index=ins.position, transform=ins.transform,
                              step=ins.step_index, params=params)
             before.replace_input_with(upstream, node)
-        _mark_key_capture(gm, stage)
+        _mark_key_capture(gm, stage, schedule)
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def _mark_key_capture(gm: fx.GraphModule, stage: str) -> None:
-    """Ask each vision block that feeds a transform to keep its attention keys."""
+def _mark_key_capture(gm: fx.GraphModule, stage: str, schedule: Schedule) -> None:
+    """Ask each vision block that feeds a transform to keep its attention keys (and, where the transform
+    ranks tokens by attention, the attention each token receives).
+
+    Raises:
+        ScheduleError: a transform that needs a block's attention has no block right before it.
+    """
+    if stage != "vision":
+        return
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node.meta.get("kind") == "transform" and stage == "vision":
-            feeder = node.args[0]
-            if isinstance(feeder, fx.Node) and feeder.op == "call_module" and feeder.meta.get("kind") == "block":
-                gm.get_submodule(feeder.target).capture_keys = True
+        if node.op != "call_module" or node.meta.get("kind") != "transform":
+            continue
+        feeder = node.args[0]
+        is_block = isinstance(feeder, fx.Node) and feeder.op == "call_module" and feeder.meta.get("kind") == "block"
+        needs_attention = gm.get_submodule(node.target).spec.needs_layer
+        if needs_attention and not is_block:
+            step = node.meta["step"]
+            raise ScheduleError(
+                f"{node.meta['transform']} ranks tokens by the attention of the vision block before it, "
+                f"and at position {node.meta['index']} no block runs right before it",
+                source=schedule.source, line=schedule.line_of("vision", step, "at"), key=f"vision[{step}].at",
+                hint="place it after a block, e.g. at: 1.0 (the tower's exit), and alone at that position",
+            )
+        if is_block:
+            block = gm.get_submodule(feeder.target)
+            block.capture_keys = True
+            block.capture_attention = block.capture_attention or needs_attention
 
 
 def verify(gm: fx.GraphModule, schedule: Schedule) -> None:

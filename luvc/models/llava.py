@@ -42,6 +42,7 @@ class CLIPLayerNode(StackNode):
         self.block = layer
         self.index = index
         self.capture_keys = False
+        self.capture_attention = False
 
     def forward(self, state: VisionState) -> VisionState:
         state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
@@ -51,16 +52,22 @@ class CLIPLayerNode(StackNode):
         if bool((state.sizes != 1).any()):
             ones = state.sizes.new_ones(images, prefix)
             extra["luvc_sizes"] = torch.cat([ones, state.sizes.view(images, -1)], dim=1)
-        heads = self.block.self_attn.num_heads
-
-        def keys_of(k: Tensor) -> Tensor:
-            keys = k.view(*k.shape[:2], heads, -1).mean(dim=2)[:, prefix:]
-            return keys.reshape(-1, keys.shape[-1])
-
-        with captured_output(self.block.self_attn.k_proj if self.capture_keys else None, keys_of) as captured:
+        attn = self.block.self_attn
+        with captured_output(attn.k_proj if self.capture_keys else None, lambda k: k) as keys, \
+                captured_output(attn.q_proj if self.capture_attention else None, lambda q: q) as queries:
             out = self.block(x, None, **extra)
+        received = None
+        if queries:  # attention from the class token, mean over heads
+            k = keys[0].view(images, -1, attn.num_heads, attn.head_dim)
+            cls = queries[0][:, 0].view(images, 1, attn.num_heads, attn.head_dim)
+            probs = (torch.einsum("bqhd,bkhd->bhqk", cls.float(), k.float()) * attn.scale).softmax(dim=-1)
+            received = probs.mean(dim=1)[:, 0, prefix:].reshape(-1)
+        patch_keys = None
+        if keys:
+            patch_keys = keys[0].view(images, -1, attn.num_heads, attn.head_dim).mean(dim=2)[:, prefix:]
+            patch_keys = patch_keys.reshape(-1, patch_keys.shape[-1])
         return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
-                                   keys=captured[0] if captured else None)
+                                   keys=patch_keys, attention=received)
 
 
 class ProjectorNode(StackNode):

@@ -47,9 +47,10 @@ class WindowedVisionBlockNode(VisionBlockNode):
             scratch["window_rope"] = (cos[order], sin[order])
             scratch["window_sizes"] = state.sizes[order] if scratch["sized"] else None
         order, restore = scratch["window_order"], scratch["window_restore"]
-        hidden, keys = self._call(state.hidden[order], scratch["cu_windows"], scratch["max_window"],
-                                  scratch["window_rope"], scratch["window_sizes"])
-        return dataclasses.replace(state, hidden=hidden[restore], keys=keys[restore] if keys is not None else None)
+        hidden, keys, received = self._call(state.hidden[order], scratch["cu_windows"], scratch["max_window"],
+                                            scratch["window_rope"], scratch["window_sizes"])
+        return dataclasses.replace(state, hidden=hidden[restore], keys=keys[restore] if keys is not None else None,
+                                   attention=received[restore] if received is not None else None)
 
 
 class CompiledQwen2_5_VLModel(CompiledQwen2VLModel):

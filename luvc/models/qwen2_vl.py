@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +41,15 @@ class VisionBlockNode(StackNode):
         self.block = block
         self.index = index
         self.capture_keys = False
+        self.capture_attention = False
         self.visual = [visual]  # a list keeps the tower out of this node's children
 
     def forward(self, state: VisionState) -> VisionState:
         state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
         scratch = self._layout(state)
-        hidden, keys = self._call(state.hidden, scratch["cu_seqlens"], scratch["max_seqlen"], scratch["rope"],
-                                  state.sizes if scratch["sized"] else None)
-        return dataclasses.replace(state, hidden=hidden, keys=keys)
+        hidden, keys, received = self._call(state.hidden, scratch["cu_seqlens"], scratch["max_seqlen"],
+                                            scratch["rope"], state.sizes if scratch["sized"] else None)
+        return dataclasses.replace(state, hidden=hidden, keys=keys, attention=received)
 
     def _layout(self, state: VisionState) -> dict:
         """Per-frame segments, rotary embeddings and whether sizes matter: computed once per state."""
@@ -61,17 +63,40 @@ class VisionBlockNode(StackNode):
         return scratch
 
     def _call(self, hidden: Tensor, cu_seqlens: Tensor, max_seqlen: int, rope,
-              sizes: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Run the block; return its output and, if asked for, its attention keys (mean over heads)."""
+              sizes: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Run the block; return its output and, if asked for, its attention keys (mean over heads) and the
+        attention each token receives (mean over heads and over the queries of its segment)."""
         extra = {"luvc_sizes": sizes} if sizes is not None else {}
-        heads = self.block.attn.num_heads
-
-        def keys_of(qkv: Tensor) -> Tensor:
-            return qkv.reshape(qkv.shape[0], 3, heads, -1)[:, 1].mean(dim=1)
-
-        with captured_output(self.block.attn.qkv if self.capture_keys else None, keys_of) as captured:
+        attn = self.block.attn
+        with captured_output(attn.qkv if self.capture_keys else None, lambda qkv: qkv) as captured:
             out = self.block(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=rope, **extra)
-        return out, captured[0] if captured else None
+        if not captured:
+            return out, None, None
+        q, k, _ = captured[0].reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+        received = None
+        if self.capture_attention:
+            apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            q, k_rot = apply_rotary(q, k, *rope)
+            received = received_attention(q, k_rot, cu_seqlens, attn.scaling)
+        return out, k.mean(dim=1), received
+
+
+def received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, scale: float, chunk: int = 1024) -> Tensor:
+    """[N] softmax attention each token receives, averaged over heads and over the queries of its segment.
+
+    ``q``, ``k``: [N, H, d]; segments (frames or windows) by ``cu_seqlens``;
+    queries are processed ``chunk`` at a time so memory stays O(chunk * N).
+    """
+    out = torch.zeros(q.shape[0], device=q.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        keys = k[start:end].float().transpose(0, 1)  # [H, n, d]
+        total = torch.zeros(end - start, device=q.device)
+        for row in range(start, end, chunk):
+            queries = q[row:min(row + chunk, end)].float().transpose(0, 1)
+            total += ((queries @ keys.transpose(1, 2)) * scale).softmax(dim=-1).sum(dim=(0, 1))
+        out[start:end] = total / (k.shape[1] * (end - start))
+    return out
 
 
 def _cumulative(lengths: list[int], device) -> Tensor:

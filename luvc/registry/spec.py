@@ -35,10 +35,11 @@ class TransformSpec:
         bind: ``bind(params, occurrence)`` fixes per-occurrence choices when
             the schedule is lowered (OIM alternates its axis this way).
         summary: One line for listings.
-        needs_layer: ``llm`` transforms only: ``run(state, params, layer=node)``
+        needs_layer: ``llm`` transforms: ``run(state, params, layer=node)``
             also gets the decoder-layer node it runs before, to recompute what
             that layer would compute (attention rows, keys) without changing
-            the attention kernel.
+            the attention kernel. ``vision`` transforms: the block before it
+            fills ``state.attention`` (attention each token received there).
     """
 
     name: str
