@@ -55,7 +55,7 @@ class TransformNode(StackNode):
         self.layer = [layer]  # a list keeps the next block out of this node's children
 
     def forward(self, state):
-        if self.spec.needs_layer:
+        if self.spec.needs_layer and self.site == "llm":
             out = self.spec.run(state, self.params, layer=self.layer[0])
         else:
             out = self.spec.run(state, self.params)

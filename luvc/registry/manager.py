@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = (
     "luvc.transforms.pyramid_drop",
     "luvc.transforms.dart",
     "luvc.transforms.tome",
+    "luvc.transforms.visionzip",
     "luvc.transforms.random_drop",
     "luvc.transforms.uniform_pool",
     "luvc.models.qwen2_vl",

@@ -74,8 +74,12 @@ TEMPLATES: dict[str, tuple[tuple[float, float], Callable[[float], dict]]] = {
     "pyramid_drop": ((0.0, 1.0), lambda q: {"llm": [_step("pyramid_drop", [0.0625, 0.25, 0.5], keep=round(q, 4))]}),
     "dart": ((0.0, 1.0), lambda q: {"llm": [_step("dart", 2, keep=round(q, 4), pivots=4)]}),
     "random_drop": ((0.0, 1.0), lambda q: {"llm": [_step("random_drop", 0, keep=round(q, 4), seed=0)]}),
+    "visionzip": ((0.0, 1.0), lambda q: {"vision": [_step("visionzip", 1.0, keep=max(round(q, 4), 1e-4),
+                                                         contextual=0.16)]}),
     "tome": ((0.0, 0.5), lambda q: {"vision": [_step("tome", "0:", ratio=max(round(q, 4), 1e-4))]}),
 }
+#: Every method with matched presets, LUVC first.
+METHODS = ("luvc", "fastv", "pyramid_drop", "dart", "visionzip", "tome", "random_drop", "uniform_pool")
 #: Pooling cannot be solved continuously: the stride whose result is nearest each budget.
 POOL_STRIDES = {"third": (3, 1), "quarter": (2, 2), "ninth": (3, 3)}
 
@@ -110,8 +114,7 @@ def _finish(name: str, method: str, budget: str, data: dict) -> Schedule:
 
 def reference_presets() -> dict[str, Schedule]:
     """Every method at every budget, solved for the reference shape."""
-    methods = ["luvc", *[m for m in TEMPLATES if m != "luvc"], "uniform_pool"]
-    return {f"{m}-{b}": matched_schedule(m, b, **REFERENCE) for m in methods for b in BUDGETS}
+    return {f"{m}-{b}": matched_schedule(m, b, **REFERENCE) for m in METHODS for b in BUDGETS}
 
 
 def write_presets(folder: Path) -> list[Path]:

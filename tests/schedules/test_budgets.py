@@ -8,7 +8,7 @@ import pytest
 
 import luvc
 from luvc.schedules import load_schedule
-from luvc.schedules.budgets import BUDGETS, REFERENCE, matched_schedule, planned_budget, reference_presets
+from luvc.schedules.budgets import BUDGETS, METHODS, REFERENCE, matched_schedule, planned_budget, reference_presets
 from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
 
 PRESETS = reference_presets()
@@ -37,7 +37,7 @@ def test_matched_schedules_adapt_to_another_depth():
         assert abs(planned_budget(schedule, 8, 4, (1, 16, 16)) - 64) <= 1.0
 
 
-@pytest.mark.parametrize("method", ["luvc", "fastv", "pyramid_drop", "dart", "random_drop", "tome", "uniform_pool"])
+@pytest.mark.parametrize("method", METHODS)
 def test_run_time_budget_equals_the_plan_at_the_reference_depth(method):
     """On a Qwen2-VL with the reference depths and a 448 px image, the ledger's mean per layer is the planned one."""
     model = build_model("qwen2-vl-tiny", layers=REFERENCE["llm_depth"], vision_layers=REFERENCE["vision_depth"])

@@ -7,10 +7,13 @@ import torch
 from conftest import greedy_without_cache
 
 import luvc
+from luvc.models.llava import CLIPLayerNode
 from luvc.models.llm import DecoderLayerNode, attention_rows
+from luvc.models.qwen2_vl import received_attention
 from luvc.registry import get_registry
-from luvc.state import LLMState
+from luvc.state import LLMState, VisionState
 from luvc.transforms.dart import duplication_scores
+from luvc.transforms.visionzip import zip_frame
 from luvc.zoo import build_model, model_config, vlm_inputs
 
 
@@ -26,6 +29,7 @@ METHODS = {
     "random_drop": _schedule("llm", "random_drop", 0, keep=0.4, seed=3),
     "tome": _schedule("vision", "tome", "0:4", ratio=0.2),
     "uniform_pool": _schedule("vision", "uniform_pool", 1.0, stride=[2, 2]),
+    "visionzip": _schedule("vision", "visionzip", 1.0, keep=0.3, contextual=0.2),
 }
 #: Methods whose choice depends on the prompt's last tokens.
 QUERY_DEPENDENT = {"fastv", "pyramid_drop", "dart"}
@@ -126,3 +130,47 @@ def test_random_drop_is_seeded(tiny_model, single_image_inputs):
     luvc.compile(tiny_model, METHODS["random_drop"])
     first = tiny_model(**single_image_inputs).logits
     assert torch.equal(tiny_model(**single_image_inputs).logits, first)
+
+
+def test_visionzip_without_a_block_before_it_is_refused_at_compile_time(tiny_model):
+    with pytest.raises(luvc.ScheduleError, match="no block runs right before it"):
+        luvc.compile(tiny_model, _schedule("vision", "visionzip", 0, keep=0.3))
+    assert not hasattr(tiny_model, "luvc_graph")
+
+
+def test_received_attention_is_the_mean_softmax_column_in_chunks():
+    torch.manual_seed(0)
+    q, k = torch.randn(10, 2, 4), torch.randn(10, 2, 4)
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    got = received_attention(q, k, cu, 0.5, chunk=4)
+    for a, b in ((0, 6), (6, 10)):
+        probs = (torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * 0.5).softmax(-1)
+        torch.testing.assert_close(got[a:b], probs.mean(dim=(0, 1)))
+    assert torch.allclose(got[:6].sum(), torch.tensor(1.0))
+
+
+def test_llava_class_token_attention_equals_eager(astronaut):
+    """The class-token row CLIPLayerNode reports equals the eager CLIP layer's attention probabilities."""
+    model = build_model("llava-tiny", attn="eager")
+    inputs = vlm_inputs([[astronaut]], config=model_config("llava-tiny"))
+    out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+    layer = 2
+    hidden = out.hidden_states[layer]
+    node = CLIPLayerNode(model.model.vision_tower.encoder.layers[layer], layer)
+    node.capture_keys = node.capture_attention = True
+    n = hidden.shape[1] - 1
+    state = VisionState(hidden[:, 1:].reshape(-1, hidden.shape[-1]), torch.ones(n), torch.zeros(n, 2),
+                        ((1, 16, 16),), 1, prefix=hidden[:, :1])
+    received = node(state).attention
+    torch.testing.assert_close(received, out.attentions[layer].mean(dim=1)[0, 0, 1:], atol=1e-5, rtol=1e-4)
+
+
+def test_visionzip_frame_keeps_dominant_units_in_order_then_contextual():
+    torch.manual_seed(0)
+    x, keys = torch.randn(12, 1, 3), torch.randn(12, 4)
+    sizes, positions = torch.ones(12, 1), torch.zeros(12, 1, 2)
+    scores = torch.arange(12.0)  # the last units dominate
+    out_x, out_s, _ = zip_frame(x, sizes, positions, scores, keys, dominant=4, contextual=2)
+    assert out_x.shape[0] == 6
+    torch.testing.assert_close(out_x[:4], x[8:12])
+    assert float(out_s.sum()) == 12.0, "every unit is kept or merged into a contextual unit"
