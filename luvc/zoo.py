@@ -12,11 +12,15 @@ import numpy as np
 import torch
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -84,6 +88,14 @@ CONFIGS: dict[str, dict] = {
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
                     image_size=224, patch_size=14),
     ),
+    # InternVL: InternViT with a class token and absolute positions, pixel-shuffle projector, Qwen2 LLM.
+    "internvl-tiny": dict(
+        family="internvl",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=224, patch_size=14),
+    ),
     "llava-1.5-7b": dict(
         family="llava",
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -95,6 +107,7 @@ CONFIGS: dict[str, dict] = {
 
 FAMILIES = {
     "llava": (LlavaConfig, LlavaForConditionalGeneration),
+    "internvl": (InternVLConfig, InternVLForConditionalGeneration),
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
@@ -118,6 +131,16 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
                            image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                            vision_feature_select_strategy="default",
                            image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
+    if spec["family"] == "internvl":
+        vision = dict(spec["vision"])
+        side = vision["image_size"] // vision["patch_size"]
+        vision.update(image_size=[vision["image_size"]] * 2, patch_size=[vision["patch_size"]] * 2)
+        if layers is not None:
+            text["num_hidden_layers"] = layers
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        return InternVLConfig(vision_config=InternVLVisionConfig(**vision), text_config=Qwen2Config(**text),
+                              image_token_id=IMAGE_TOKEN, image_seq_length=(side // 2) ** 2)
     vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **spec["vision"])
     out_key = "out_hidden_size" if spec["family"] == "qwen2_5_vl" else "hidden_size"
     vision[out_key] = text["hidden_size"]
@@ -172,10 +195,10 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
     ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the pixel
     tensors and grids, as the Qwen2-VL processor would.
     """
-    if getattr(config, "model_type", None) == "llava":
+    if getattr(config, "model_type", None) in FIXED_GRID:
         if any(videos):
-            raise ValueError("LLaVA-1.5 takes no video")
-        return _llava_inputs(images, prompts, config)
+            raise ValueError(f"{config.model_type} takes no video")
+        return _fixed_grid_inputs(images, prompts, config)
     image_token, video_token, start, end = IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END
     if config is not None:
         image_token, video_token = config.image_token_id, config.video_token_id
@@ -209,16 +232,21 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
     return out
 
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+#: Families whose tower takes one fixed square size: model type -> (mean, std) of its normalisation.
+FIXED_GRID = {
+    "llava": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "internvl": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
-def _llava_inputs(images, prompts, config) -> dict:
-    """LLaVA-1.5-style inputs: each image resized to the tower's square size, CLIP-normalised,
-    and ``image_seq_length`` placeholders per image before the prompt."""
+def _fixed_grid_inputs(images, prompts, config) -> dict:
+    """LLaVA-1.5 / InternVL-style inputs (one tile per image): each image resized to the tower's square
+    size, normalised, and ``image_seq_length`` placeholders per image before the prompt."""
     from PIL import Image
 
     side = config.vision_config.image_size
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    mean, std = (torch.tensor(v)[:, None, None] for v in FIXED_GRID[config.model_type])
     pixels, rows = [], []
     for sample, prompt in zip(images or [[] for _ in prompts], prompts):
         row = [1]

@@ -16,7 +16,7 @@ import luvc.models
 from luvc.fx.passes import plan_counts
 from luvc.zoo import build_model, sample_image, vlm_inputs
 
-MODELS = {name: build_model(name) for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny")}
+MODELS = {name: build_model(name) for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny")}
 PHOTO = sample_image("astronaut")
 
 positions = st.one_of(st.integers(0, 3), st.floats(0.0, 0.7))

@@ -61,21 +61,29 @@ class SizedCLIPAttention:
                 **kwargs):
         if luvc_sizes is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
-        batch, seq, _ = hidden_states.shape
-        shape = (batch, seq, -1, self.head_dim)
+        shape = (*hidden_states.shape[:2], -1, self.head_dim)
         q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        flash = is_flash_attention_requested(self.config)
-        if flash:
-            q, k, v = size_weighted(q, k, v, luvc_sizes[:, :, None, None])
-        else:
-            bias = log_sizes(luvc_sizes, q.dtype)[:, None, None, :]
-            attention_mask = bias if attention_mask is None else attention_mask + bias
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, clip.eager_attention_forward)
-        out, _ = attend(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
-                        scaling=self.scale, dropout=0.0, **kwargs)
-        if flash:
-            out = unweight(out.reshape(batch, seq, -1, v.shape[-1]), self.head_dim)
-        return self.out_proj(out.reshape(batch, seq, -1).contiguous()), None
+        out = batched_sized_attention(self, q, k, v, luvc_sizes, self.scale, attention_mask, **kwargs)
+        return self.out_proj(out), None
+
+
+def batched_sized_attention(module, q: Tensor, k: Tensor, v: Tensor, sizes: Tensor, scale: float,
+                            attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    """Bidirectional attention of ``[B, S, H, d]`` heads where key ``j`` of row ``b`` counts ``sizes[b, j]``
+    times; returns ``[B, S, H * d]`` before the output projection."""
+    batch, seq, _, head_dim = q.shape
+    flash = is_flash_attention_requested(module.config)
+    if flash:
+        q, k, v = size_weighted(q, k, v, sizes[:, :, None, None])
+    else:
+        bias = log_sizes(sizes, q.dtype)[:, None, None, :]
+        attention_mask = bias if attention_mask is None else attention_mask + bias
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, clip.eager_attention_forward)
+    out, _ = attend(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
+                    scaling=scale, dropout=0.0, **kwargs)
+    if flash:
+        out = unweight(out.reshape(batch, seq, -1, v.shape[-1]), head_dim)
+    return out.reshape(batch, seq, -1).contiguous()
 
 
 def log_sizes(sizes: Tensor, dtype: torch.dtype) -> Tensor:

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "luvc.models.qwen2_vl",
     "luvc.models.qwen2_5_vl",
     "luvc.models.llava",
+    "luvc.models.internvl",
     "luvc.schedules.presets",
 )
 

@@ -36,7 +36,7 @@ QUERY_DEPENDENT = {"fastv", "pyramid_drop", "dart"}
 
 
 def _rope_positions(model, inputs) -> torch.Tensor:
-    if model.config.model_type == "llava":
+    if not hasattr(model.model, "get_rope_index"):  # 1-D rotary
         return torch.arange(inputs["input_ids"].shape[1]).expand(1, *inputs["input_ids"].shape)
     return model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                       image_grid_thw=inputs.get("image_grid_thw"),

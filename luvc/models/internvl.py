@@ -1,0 +1,187 @@
+"""InternVL adapter (``InternVLForConditionalGeneration``): an InternViT tower with a class token and
+absolute position embeddings, a pixel-shuffle projector, and a Qwen2-style LLM with 1-D rotary.
+
+What is specific to InternVL, and lives here:
+
+* Every image (or tile) has the same fixed grid; the class token is a
+  never-merged prefix (the ``default`` strategy drops it before the projector).
+  Position embeddings are added once, at the embeddings, so merged tokens
+  carry theirs along, size-weighted.
+* The pixel shuffle concatenates each 2x2 patch block into one token, so a
+  unit is that 2x2 block: patches are put unit-major on entry and OIM merges
+  whole units; the projector then always gets whole blocks, whatever the grid
+  became (the model's own pixel shuffle needs a square grid; the projector
+  node here concatenates each unit's four tokens in the pixel shuffle's order).
+* Merged tokens' sizes re-weight attention (log-size bias; values form under
+  FlashAttention), computed here because InternViT's layer passes nothing to
+  its attention; an unmerged layer runs the model's own code.
+* The LLM sees one token per unit left; shortened placeholder runs are
+  numbered 1-D in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+from transformers import InternVLForConditionalGeneration
+from transformers.models.internvl.modeling_internvl import InternVLModelOutputWithPast
+
+from luvc.errors import CompileError
+from luvc.fx.nodes import StackNode, captured_output
+from luvc.models.llava import CompiledLlavaModel
+from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
+from luvc.models.sized_attention import batched_sized_attention
+from luvc.registry import hookimpl
+from luvc.state import LedgerRow, VisionState
+
+UNIT = 4  # the 2x2 block the pixel shuffle turns into one token
+
+
+class InternViTLayerNode(StackNode):
+    """One InternViT layer on a ``VisionState`` whose images share one grid, class token as prefix."""
+
+    site = "vision"
+
+    def __init__(self, layer: nn.Module, index: int) -> None:
+        super().__init__()
+        self.block = layer
+        self.index = index
+        self.capture_keys = False
+        self.capture_attention = False
+
+    def forward(self, state: VisionState) -> VisionState:
+        state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
+        images, prefix = state.prefix.shape[:2]
+        x = torch.cat([state.prefix, state.hidden.view(images, -1, state.hidden.shape[-1])], dim=1)
+        attn = self.block.attention
+        with captured_output(attn.k_norm if self.capture_keys else None, lambda k: k) as keys, \
+                captured_output(attn.q_norm if self.capture_attention else None, lambda q: q) as queries:
+            if bool((state.sizes != 1).any()):
+                sizes = torch.cat([state.sizes.new_ones(images, prefix), state.sizes.view(images, -1)], dim=1)
+                out = self._sized_layer(x, sizes)
+            else:
+                out = self.block(x)
+        heads, dim = attn.num_heads, attn.head_dim
+        received = patch_keys = None
+        if queries:  # attention from the class token, mean over heads
+            k = keys[0].view(images, -1, heads, dim)
+            cls = queries[0][:, :1].view(images, 1, heads, dim)
+            probs = (torch.einsum("bqhd,bkhd->bhqk", cls.float(), k.float()) * attn.scale).softmax(dim=-1)
+            received = probs.mean(dim=1)[:, 0, prefix:].reshape(-1)
+        if keys:
+            patch_keys = keys[0].view(images, -1, heads, dim).mean(dim=2)[:, prefix:]
+            patch_keys = patch_keys.reshape(-1, patch_keys.shape[-1])
+        return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
+                                   keys=patch_keys, attention=received)
+
+    def _sized_layer(self, x: Tensor, sizes: Tensor) -> Tensor:
+        """The layer's own computation, with size-weighted attention."""
+        layer, attn = self.block, self.block.attention
+        h = layer.layernorm_before(x)
+        q, k, v = attn.q_norm(attn.q_proj(h)), attn.k_norm(attn.k_proj(h)), attn.v_proj(h)
+        shape = (*x.shape[:2], attn.num_heads, attn.head_dim)
+        out = batched_sized_attention(attn, q.view(shape), k.view(shape), v.view(shape), sizes, attn.scale)
+        h = layer.lambda_1 * attn.projection_layer(out) + x
+        y = layer.mlp(layer.layernorm_after(h))
+        if layer.lambda_2 is not None:
+            y = layer.lambda_2 * y
+        return y + h
+
+
+class PixelShuffleProjectorNode(StackNode):
+    """Final norm, class token dropped, each 2x2 unit's tokens concatenated (the pixel shuffle), MLP."""
+
+    site = "vision"
+    kind = "io"
+
+    def __init__(self, norm: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.block = projector
+
+    def forward(self, state: VisionState) -> VisionState:
+        state.log.append(LedgerRow("vision.projector", "vision", state.tokens_per_image()))
+        hidden = self.norm(state.hidden)
+        images = len(state.grids)  # images share one grid: project them as the model's [images, n, 4D] batch
+        units = hidden.view(images, -1, UNIT * hidden.shape[-1])
+        return state.replace(hidden=self.block(units).flatten(0, 1), prefix=None, unit=1,
+                             sizes=state.sizes.view(-1, UNIT).sum(dim=1),
+                             positions=state.positions.view(-1, UNIT, 2).mean(dim=1))
+
+
+class CompiledInternVLModel(CompiledLlavaModel):
+    """Compiled InternVL inner model: InternViT and the LLM run through the luvc graph."""
+
+    _luvc_output_class = InternVLModelOutputWithPast
+
+    def get_image_features(self, pixel_values: Tensor, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs):
+        for name, value in (("vision_feature_layer", vision_feature_layer),
+                            ("vision_feature_select_strategy", vision_feature_select_strategy)):
+            if value is not None and value != getattr(self.config, name):
+                raise CompileError(f"this model was compiled for {name}={getattr(self.config, name)!r}, "
+                                   f"got {value!r}; uncompile, set it in the config, and compile again")
+        tower = self.vision_tower
+        x = tower.embeddings(pixel_values.type(tower.dtype))
+        images, tokens, dim = x.shape
+        side = int(round((tokens - 1) ** 0.5))
+        half = side // 2
+        # raster patches -> unit-major (row block, col block, 2, 2)
+        patches = x[:, 1:].reshape(images, half, 2, half, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(-1, dim)
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        grid = torch.stack([rows, cols], -1).view(half, 2, half, 2, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)
+        state = VisionState(hidden=patches, sizes=torch.ones(patches.shape[0], device=x.device),
+                            positions=grid.float().repeat(images, 1).to(x.device),
+                            grids=((1, half, half),) * images, unit=UNIT, prefix=x[:, :1], log=[])
+        state = self._luvc_sections[0](state)
+        return vision_output(state, [half * half] * images)
+
+
+class InternVLAdapter:
+    """Adapter for ``InternVLForConditionalGeneration`` (InternViT, pixel-shuffle MLP projector, Qwen2 LLM)."""
+
+    name = "internvl"
+    architectures = ("InternVLForConditionalGeneration",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, InternVLForConditionalGeneration)
+
+    def check(self, model: nn.Module) -> None:
+        cfg = model.config
+        if cfg.vision_feature_layer != -1 or cfg.vision_feature_select_strategy != "default":
+            raise CompileError("luvc's InternVL adapter reads the last vision layer with the class token dropped "
+                               f"(vision_feature_layer=-1, strategy 'default'), not {cfg.vision_feature_layer!r}, "
+                               f"{cfg.vision_feature_select_strategy!r}")
+        if cfg.downsample_ratio != 0.5:
+            raise CompileError(f"luvc's InternVL adapter supports downsample_ratio 0.5, not {cfg.downsample_ratio}")
+        check_attention(model.model.language_model.config)
+        check_attention(model.model.vision_tower.config)
+
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower, lm = model.model.vision_tower, model.model.language_model
+        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", InternViTLayerNode(layer, i))
+                                              for i, layer in enumerate(tower.encoder.layer)]
+        projector = PixelShuffleProjectorNode(tower.layernorm, model.model.multi_modal_projector)
+        nodes.append(("vision.projector", projector))
+        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
+        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
+        return nodes
+
+    def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
+        cfg = model.config.vision_config
+        side = cfg.image_size[0] // cfg.patch_size[0]
+        return (1, side // 2, side // 2), UNIT
+
+    def install(self, model: nn.Module, graph: nn.Module) -> dict:
+        return install_compiled(model, graph, CompiledInternVLModel, [], object)
+
+    def uninstall(self, model: nn.Module, record: dict) -> None:
+        uninstall_compiled(model, record)
+
+
+@hookimpl
+def luvc_model_adapters() -> list:
+    return [InternVLAdapter()]
