@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3VisionConfig,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLVisionConfig,
@@ -96,6 +99,14 @@ CONFIGS: dict[str, dict] = {
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                     image_size=224, patch_size=14),
     ),
+    # Idefics3 / SmolVLM: SigLIP without a class token, pixel-shuffle connector, Llama LLM.
+    "idefics3-tiny": dict(
+        family="idefics3",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=224, patch_size=14),
+    ),
     "llava-1.5-7b": dict(
         family="llava",
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -108,6 +119,7 @@ CONFIGS: dict[str, dict] = {
 FAMILIES = {
     "llava": (LlavaConfig, LlavaForConditionalGeneration),
     "internvl": (InternVLConfig, InternVLForConditionalGeneration),
+    "idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
@@ -131,6 +143,16 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
                            image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                            vision_feature_select_strategy="default",
                            image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
+    if spec["family"] == "idefics3":
+        vision = dict(spec["vision"])
+        if layers is not None:
+            text["num_hidden_layers"] = layers
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        config = Idefics3Config(vision_config=Idefics3VisionConfig(**vision), text_config=LlamaConfig(**text),
+                                image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=False)
+        config.image_seq_length = (vision["image_size"] // vision["patch_size"] // 2) ** 2
+        return config
     if spec["family"] == "internvl":
         vision = dict(spec["vision"])
         side = vision["image_size"] // vision["patch_size"]
@@ -236,6 +258,7 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
 FIXED_GRID = {
     "llava": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "internvl": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
 
@@ -258,7 +281,18 @@ def _fixed_grid_inputs(images, prompts, config) -> dict:
     width = max(len(r) for r in rows)
     out = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
-    if pixels:
+    if pixels and config.model_type == "idefics3":  # [batch, tiles, 3, H, W], all-zero padding tiles
+        per_row = [len(sample) for sample in images]
+        most = max(per_row)
+        stacked = torch.zeros(len(per_row), most, *pixels[0].shape)
+        masks = torch.zeros(len(per_row), most, side, side, dtype=torch.long)
+        it = iter(pixels)
+        for b, n in enumerate(per_row):
+            for i in range(n):
+                stacked[b, i] = next(it)
+                masks[b, i] = 1
+        out["pixel_values"], out["pixel_attention_mask"] = stacked, masks
+    elif pixels:
         out["pixel_values"] = torch.stack(pixels)
     return out
 

@@ -18,7 +18,7 @@ def _no_grad():
 
 
 #: Every supported family's tiny config: model-level tests run on each.
-FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny"]
+FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny", "idefics3-tiny"]
 VIDEO_FAMILIES = {"qwen2-vl-tiny", "qwen2.5-vl-tiny"}
 
 

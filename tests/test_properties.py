@@ -8,6 +8,7 @@ tokens all survive; and the runtime ledger equals the graph's static plan.
 from __future__ import annotations
 
 import torch
+from conftest import FAMILIES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ import luvc.models
 from luvc.fx.passes import plan_counts
 from luvc.zoo import build_model, sample_image, vlm_inputs
 
-MODELS = {name: build_model(name) for name in ("qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny")}
+MODELS = {name: build_model(name) for name in FAMILIES}
 PHOTO = sample_image("astronaut")
 
 positions = st.one_of(st.integers(0, 3), st.floats(0.0, 0.7))

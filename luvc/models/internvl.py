@@ -92,7 +92,8 @@ class InternViTLayerNode(StackNode):
 
 
 class PixelShuffleProjectorNode(StackNode):
-    """Final norm, class token dropped, each 2x2 unit's tokens concatenated (the pixel shuffle), MLP."""
+    """Final norm, class token dropped, each unit's tokens concatenated in raster order (the pixel
+    shuffle of InternVL and Idefics3), then the projector."""
 
     site = "vision"
     kind = "io"
@@ -105,11 +106,11 @@ class PixelShuffleProjectorNode(StackNode):
     def forward(self, state: VisionState) -> VisionState:
         state.log.append(LedgerRow("vision.projector", "vision", state.tokens_per_image()))
         hidden = self.norm(state.hidden)
-        images = len(state.grids)  # images share one grid: project them as the model's [images, n, 4D] batch
-        units = hidden.view(images, -1, UNIT * hidden.shape[-1])
+        images, unit = len(state.grids), state.unit  # images share one grid: project them as one batch
+        units = hidden.view(images, -1, unit * hidden.shape[-1])
         return state.replace(hidden=self.block(units).flatten(0, 1), prefix=None, unit=1,
-                             sizes=state.sizes.view(-1, UNIT).sum(dim=1),
-                             positions=state.positions.view(-1, UNIT, 2).mean(dim=1))
+                             sizes=state.sizes.view(-1, unit).sum(dim=1),
+                             positions=state.positions.view(-1, unit, 2).mean(dim=1))
 
 
 class CompiledInternVLModel(CompiledLlavaModel):
@@ -129,15 +130,23 @@ class CompiledInternVLModel(CompiledLlavaModel):
         images, tokens, dim = x.shape
         side = int(round((tokens - 1) ** 0.5))
         half = side // 2
-        # raster patches -> unit-major (row block, col block, 2, 2)
-        patches = x[:, 1:].reshape(images, half, 2, half, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(-1, dim)
-        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        grid = torch.stack([rows, cols], -1).view(half, 2, half, 2, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)
+        patches, positions = unit_major(x[:, 1:], side, 2)
         state = VisionState(hidden=patches, sizes=torch.ones(patches.shape[0], device=x.device),
-                            positions=grid.float().repeat(images, 1).to(x.device),
-                            grids=((1, half, half),) * images, unit=UNIT, prefix=x[:, :1], log=[])
+                            positions=positions, grids=((1, half, half),) * images, unit=UNIT, prefix=x[:, :1],
+                            log=[])
         state = self._luvc_sections[0](state)
         return vision_output(state, [half * half] * images)
+
+
+def unit_major(patches: Tensor, side: int, block: int) -> tuple[Tensor, Tensor]:
+    """Raster patches ``[images, side * side, D]`` -> unit-major ``[images * side^2, D]`` (``block x block``
+    units in raster order, sub-tokens in raster order inside each) and their (row, col) positions."""
+    images, _, dim = patches.shape
+    n = side // block
+    hidden = patches.reshape(images, n, block, n, block, dim).permute(0, 1, 3, 2, 4, 5).reshape(-1, dim)
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    grid = torch.stack([rows, cols], -1).view(n, block, n, block, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)
+    return hidden, grid.float().repeat(images, 1).to(patches.device)
 
 
 class InternVLAdapter:

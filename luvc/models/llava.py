@@ -33,7 +33,8 @@ from luvc.state import LedgerRow, VisionState
 
 
 class CLIPLayerNode(StackNode):
-    """One CLIP encoder layer on a ``VisionState`` whose images share one grid, class token as prefix."""
+    """One CLIP / SigLIP encoder layer on a ``VisionState`` whose images share one grid, a class token (if
+    any) as prefix."""
 
     site = "vision"
 
@@ -46,8 +47,10 @@ class CLIPLayerNode(StackNode):
 
     def forward(self, state: VisionState) -> VisionState:
         state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
-        images, prefix = state.prefix.shape[:2]
-        x = torch.cat([state.prefix, state.hidden.view(images, -1, state.hidden.shape[-1])], dim=1)
+        images, dim = len(state.grids), state.hidden.shape[-1]
+        prefix_tokens = state.prefix if state.prefix is not None else state.hidden.new_zeros(images, 0, dim)
+        prefix = prefix_tokens.shape[1]
+        x = torch.cat([prefix_tokens, state.hidden.view(images, -1, dim)], dim=1)
         extra = {}
         if bool((state.sizes != 1).any()):
             ones = state.sizes.new_ones(images, prefix)

@@ -113,7 +113,7 @@ def test_unsupported_model_lists_supported_families():
 
 
 def test_unsupported_attention_is_refused(tiny_model):
-    tiny_model.model.language_model.config._attn_implementation = "flex_attention"
+    tiny_model.config.text_config._attn_implementation = "flex_attention"
     with pytest.raises(CompileError, match="flex_attention"):
         luvc.compile(tiny_model, "identity")
 

@@ -50,7 +50,7 @@ def test_recomputed_attention_rows_equal_eager_probabilities(family, layer, astr
     inputs = vlm_inputs([[astronaut], [coffee[:150, :300]]], prompts=[(10, 11), (12, 13, 14, 15)],
                         pixels=160 * 160, config=model_config(family))
     out = model(**inputs, output_attentions=True, output_hidden_states=True)
-    lm = model.model.language_model
+    lm = getattr(model.model, "language_model", None) or model.model.text_model
     node = DecoderLayerNode(lm.layers[layer], layer, lm.rotary_emb)
     valid = inputs["attention_mask"].bool()
     state = LLMState(out.hidden_states[layer], valid, torch.zeros_like(valid), _rope_positions(model, inputs),

@@ -1,0 +1,105 @@
+"""Idefics3 / SmolVLM adapter (``Idefics3ForConditionalGeneration``): a SigLIP tower without a class
+token, a pixel-shuffle connector, and a Llama-style LLM with 1-D rotary.
+
+What is specific to Idefics3, and lives here:
+
+* Images arrive split into tiles, ``pixel_values [batch, tiles, 3, H, W]``
+  with all-zero padding tiles; every real tile is one item of the same grid
+  (the processor's image splitting makes full tiles). Tiles with padded
+  pixels (``pixel_attention_mask`` not all ones) are refused rather than
+  approximated.
+* The connector's pixel shuffle concatenates each ``s x s`` block of patches
+  (``s = scale_factor``) into one token, so a unit is that block: patches are
+  put unit-major on entry, OIM merges whole units, and the projector node
+  concatenates each unit's tokens in the pixel shuffle's order.
+* SigLIP's attention takes the sizes of merged tokens (``SizedCLIPAttention``).
+* The LLM sees one token per unit left; shortened placeholder runs are
+  numbered 1-D in order (the row/column marker tokens are text and stay).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import Idefics3ForConditionalGeneration
+from transformers.models.idefics3.modeling_idefics3 import Idefics3BaseModelOutputWithPast
+
+from luvc.errors import CompileError
+from luvc.fx.nodes import StackNode
+from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
+from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
+from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
+from luvc.models.sized_attention import SizedCLIPAttention
+from luvc.registry import hookimpl
+from luvc.state import VisionState
+
+
+class CompiledIdefics3Model(CompiledLlavaModel):
+    """Compiled Idefics3 inner model: the SigLIP tower and the LLM run through the luvc graph."""
+
+    _luvc_pixel_kwargs = {"image": ("pixel_values", "pixel_attention_mask")}
+    _luvc_output_class = Idefics3BaseModelOutputWithPast
+
+    def get_image_features(self, pixel_values: Tensor, pixel_attention_mask: Tensor | None = None, **kwargs):
+        tiles = pixel_values.flatten(0, 1) if pixel_values.dim() == 5 else pixel_values
+        real = (tiles != 0).flatten(1).any(dim=1)
+        if pixel_attention_mask is not None:
+            masks = pixel_attention_mask.flatten(0, 1) if pixel_attention_mask.dim() == 4 else pixel_attention_mask
+            if not bool(masks[real].all()):
+                raise CompileError("a luvc-compiled Idefics3 needs full tiles: pixel_attention_mask marks padded "
+                                   "pixels; resize images to whole tiles (the processor's image splitting does)")
+        tiles = tiles[real].type(self.vision_model.dtype)
+        tower = self.vision_model
+        side = tiles.shape[-1] // tower.patch_size
+        full = torch.ones(tiles.shape[0], side, side, dtype=torch.bool, device=tiles.device)
+        x = tower.embeddings(pixel_values=tiles, patch_attention_mask=full)
+        block = self.config.scale_factor
+        patches, positions = unit_major(x, side, block)
+        n = side // block
+        state = VisionState(hidden=patches, sizes=torch.ones(patches.shape[0], device=x.device), positions=positions,
+                            grids=((1, n, n),) * tiles.shape[0], unit=block * block, log=[])
+        state = self._luvc_sections[0](state)
+        return vision_output(state, [n * n] * tiles.shape[0])
+
+
+class Idefics3Adapter:
+    """Adapter for ``Idefics3ForConditionalGeneration`` (SmolVLM included)."""
+
+    name = "idefics3"
+    architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, Idefics3ForConditionalGeneration)
+
+    def check(self, model: nn.Module) -> None:
+        check_attention(model.model.text_model.config)
+        check_attention(model.model.vision_model.config)
+
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower, lm = model.model.vision_model, model.model.text_model
+        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
+                                              for i, layer in enumerate(tower.encoder.layers)]
+        projector = PixelShuffleProjectorNode(tower.post_layernorm, model.model.connector.modality_projection)
+        nodes.append(("vision.projector", projector))
+        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
+        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
+        return nodes
+
+    def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
+        cfg = model.config
+        n = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
+        return (1, n, n), cfg.scale_factor ** 2
+
+    def install(self, model: nn.Module, graph: nn.Module) -> dict:
+        layers = model.model.vision_model.encoder.layers
+        return install_compiled(model, graph, CompiledIdefics3Model, [layer.self_attn for layer in layers],
+                                SizedCLIPAttention)
+
+    def uninstall(self, model: nn.Module, record: dict) -> None:
+        uninstall_compiled(model, record)
+
+
+@hookimpl
+def luvc_model_adapters() -> list:
+    return [Idefics3Adapter()]
