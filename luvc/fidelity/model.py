@@ -1,0 +1,133 @@
+"""The fidelity model: a small Qwen2-VL trained by the project on the task suite, and its inputs.
+
+A real ``Qwen2VLForConditionalGeneration`` (7 px patches, 2 x 2 merger, M-RoPE),
+sized to train on a 2-core CPU: a 224 px image is 1024 patches in the vision
+tower and 256 tokens in the language model. Its tokenizer is word-level over
+the suite's vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+from luvc.fidelity.tasks import SIZE, Item, vocabulary
+
+CHECKPOINT = Path(__file__).parent / "checkpoint"
+SPECIAL = ("<pad>", "<bos>", "<eos>", "<image>", "<video>", "<vision_start>", "<vision_end>")
+PATCH, MERGE, TEMPORAL = 14, 1, 2
+MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
+STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: the special tokens, then every word of the suite."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + tuple(vocabulary()))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+
+
+def fidelity_config() -> Qwen2VLConfig:
+    """The architecture the shipped checkpoint was trained with."""
+    tokens = len(SPECIAL) + len(vocabulary())
+    text = dict(vocab_size=(tokens + 7) // 8 * 8, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 7, 7], "rope_theta": 100.0},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2, hidden_size=128, patch_size=PATCH,
+                  spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=3, video_token_id=4,
+                           vision_start_token_id=5, vision_end_token_id=6, tie_word_embeddings=True)
+    return config
+
+
+def new_model(seed: int = 0, attn: str = "sdpa") -> Qwen2VLForConditionalGeneration:
+    """The untrained fidelity model."""
+    config = fidelity_config()
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def load_model(path: str | Path = CHECKPOINT, attn: str = "sdpa") -> Qwen2VLForConditionalGeneration:
+    """A trained checkpoint (the shipped one by default), in eval mode."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected config.json and model.safetensors "
+                                "(train one with `python -m luvc.fidelity.train`)")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, attn_implementation=attn)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path = CHECKPOINT) -> PreTrainedTokenizerFast:
+    path = Path(path)
+    if (path / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return build_tokenizer()
+
+
+def patchify(image: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [patches, 3 * 2 * 7 * 7] in the Qwen2-VL processor's layout
+    (CLIP-normalised, the frame repeated to a temporal patch, 2 x 2 merge units contiguous)."""
+    h, w = image.shape[:2]
+    x = (image.astype(np.float32) / 255.0 - MEAN) / STD
+    x = np.broadcast_to(x.transpose(2, 0, 1)[None], (TEMPORAL, 3, h, w))
+    gh, gw = h // PATCH, w // PATCH
+    x = x.reshape(1, TEMPORAL, 3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * TEMPORAL * PATCH * PATCH))
+
+
+def encode(batch: Sequence[Item], tokenizer, config, with_answers: bool = False) -> dict:
+    """Model inputs for ``batch``: ``<bos> <vision_start> <image>*256 <vision_end> question``, left-padded.
+
+    With ``with_answers`` (training), each row continues ``answer <eos>`` and
+    then every other question about the same image with its answer, and
+    ``labels`` mark the answer and end-of-sequence tokens: one image pass
+    teaches several answers.
+    """
+    rows, labels, pixels, grids = [], [], [], []
+    for item in batch:
+        h, w = item.image.shape[:2]
+        gh, gw = h // PATCH, w // PATCH
+        image = [config.vision_start_token_id] + [config.image_token_id] * (gh * gw // MERGE ** 2) + [
+            config.vision_end_token_id]
+        row = [tokenizer.bos_token_id] + image
+        label = [-100] * len(row)
+        pairs = [(item.question, item.answer), *item.more] if with_answers else [(item.question, None)]
+        for question, answer in pairs:
+            asked = tokenizer.encode(question, add_special_tokens=False)
+            row += asked
+            label += [-100] * len(asked)
+            if answer is not None:
+                target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+                row += target
+                label += target
+        rows.append(row)
+        labels.append(label)
+        pixels.append(patchify(item.image))
+        grids.append([1, gh, gw])
+    width = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        "pixel_values": torch.cat(pixels),
+        "image_grid_thw": torch.tensor(grids),
+    }
+    out["mm_token_type_ids"] = (out["input_ids"] == config.image_token_id).int()
+    if with_answers:
+        out["labels"] = torch.tensor([[-100] * (width - len(r)) + r for r in labels])
+    return out
+
+
+assert SIZE % (PATCH * MERGE) == 0

@@ -1,0 +1,60 @@
+"""The fidelity task suite: deterministic, splits disjoint, images and inputs in the model's layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from luvc.fidelity.model import MERGE, PATCH, build_tokenizer, encode, fidelity_config, patchify
+from luvc.fidelity.tasks import GLYPHS, PHOTOS, SIZE, TASKS, items, make_item, vocabulary
+
+
+def test_items_are_a_pure_function_of_split_and_index():
+    a, b = make_item("test", 7), make_item("test", 7)
+    assert a.question == b.question and a.answer == b.answer and np.array_equal(a.image, b.image)
+    assert not np.array_equal(make_item("test", 8).image, a.image)
+
+
+def test_splits_share_no_photograph_glyph_or_overlay():
+    assert not set(PHOTOS["train"]) & set(PHOTOS["test"]) and not set(PHOTOS["val"]) & set(PHOTOS["test"])
+    assert not set(GLYPHS["train"]) & set(GLYPHS["test"])
+    keys = {split: {item.key for item in items(split, 250 if split != "train" else 1000)}
+            for split in ("train", "val", "test")}
+    assert not keys["train"] & keys["test"] and not keys["val"] & keys["test"] and not keys["train"] & keys["val"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_renders_a_full_size_image_with_a_one_word_answer(task):
+    vocab = set(vocabulary())
+    for item in items("val", 20, (task,)):
+        assert item.image.shape == (SIZE, SIZE, 3) and item.image.dtype == np.uint8
+        assert item.answer in vocab and set(item.question.split()) <= vocab
+
+
+def test_answers_are_balanced_enough_that_a_prior_cannot_pass():
+    answers = [item.answer for item in items("test", 500)]
+    most = max(answers.count(a) for a in set(answers))
+    assert most / len(answers) < 0.2
+
+
+def test_patchify_matches_the_qwen2_vl_processor():
+    item = make_item("test", 0)
+    processor = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, min_pixels=SIZE * SIZE,
+                                         max_pixels=SIZE * SIZE)
+    reference = processor(images=[item.image], return_tensors="pt")["pixel_values"]
+    assert (patchify(item.image) - reference).abs().max() < 1e-5
+
+
+def test_encoded_inputs_have_256_visual_tokens_and_answer_labels():
+    config, tokenizer = fidelity_config(), build_tokenizer()
+    batch = items("test", 5)
+    inputs = encode(batch, tokenizer, config, with_answers=True)
+    assert ((inputs["input_ids"] == config.image_token_id).sum(1) == 256).all()
+    for row, item in zip(inputs["labels"], batch):
+        target = [t for t in row.tolist() if t != -100]
+        answers = tokenizer.decode(target).split(tokenizer.eos_token)
+        assert [a.strip() for a in answers[:-1]] == [item.answer] + [a for _, a in item.more]
+    prompt = encode(batch, tokenizer, config)
+    assert "labels" not in prompt
+    assert tokenizer.decode(prompt["input_ids"][0, -len(batch[0].question.split()):]) == batch[0].question
