@@ -195,5 +195,60 @@ def bench_speed(
         console.print(f"wrote {path}")
 
 
+@bench.command("fidelity")
+def bench_fidelity(
+    checkpoint: Path | None = typer.Option(None, help="a checkpoint in the fidelity model's format (default: "
+                                           "luvc/fidelity/checkpoint, written by python -m luvc.fidelity.train)"),
+    dataset: Path | None = typer.Option(None, help="folder with items.jsonl and its images (default: the held-out "
+                                        "split of luvc's task suite)"),
+    count: int = typer.Option(500, help="items evaluated (the first COUNT)"),
+    schedule: list[str] = typer.Option([], help="schedule to score (repeatable; preset name or YAML file); default: "
+                                       "identity, luvc-default and every method at every matched budget"),
+    batch_size: int = typer.Option(50, help="items per generate call"),
+    threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
+    out: Path = typer.Option(Path("bench-out/fidelity"), help="folder for fidelity.json, fidelity.md and the plot"),
+) -> None:
+    """Score schedules by held-out accuracy kept against LLM prefill FLOPs (identity is the reference)."""
+    import json
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from luvc.bench import fidelity as fid
+    from luvc.fidelity.model import CHECKPOINT, load_model, load_tokenizer
+    from luvc.schedules import load_schedule
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = checkpoint or CHECKPOINT
+    try:
+        model, tokenizer = load_model(source), load_tokenizer(source)
+        items = fid.load_items(dataset, count)
+        if schedule:
+            named = [load_schedule(s) for s in (["identity"] + [s for s in schedule if s != "identity"])]
+            chosen = [(*fid.method_and_budget(s.name), s) for s in named]
+        else:
+            chosen = fid.default_schedules(model, items[0].image.shape[:2])
+    except (LuvcError, FileNotFoundError, ValueError) as exc:
+        errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    batches = -(-len(items) // batch_size)
+    with Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("scoring", total=batches * len(chosen))
+        results = fid.run_fidelity(model, tokenizer, items, chosen, batch_size,
+                                   advance=lambda name: progress.update(task, advance=1, description=name))
+    title = f"luvc bench fidelity: {len(items)} items, checkpoint {source.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint": str(source), "dataset": str(dataset) if dataset else "luvc task suite, test split",
+                "count": len(items), "schedules": [s.name for _, _, s in chosen]}
+    (out / "fidelity.json").write_text(json.dumps(fid.to_json(results, settings), indent=2))
+    table = fid.markdown(results, title)
+    (out / "fidelity.md").write_text(table)
+    fid.pareto_plot(results, out / "fidelity.png", "accuracy against LLM prefill cost")
+    console.print(table)
+    console.print(f"wrote {out / 'fidelity.json'}, {out / 'fidelity.md'}, {out / 'fidelity.png'}")
+
+
 if __name__ == "__main__":
     app()
