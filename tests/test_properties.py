@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from conftest import FAMILIES
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import luvc
@@ -62,6 +62,10 @@ sample = st.tuples(st.lists(crop, max_size=2), st.lists(st.integers(10, 400), mi
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(family="qwen2-vl-tiny", batch=[([(28, 28)], [10])], schedule={  # a frame pooled to one unit, then ToMe
+    "name": "found", "eliminate_visual": False, "llm": [],
+    "vision": [{"transform": "uniform_pool", "at": 0, "params": {"stride": (2, 2)}},
+               {"transform": "tome", "at": 0, "params": {"ratio": 0.5}}]})
 @given(family=st.sampled_from(sorted(MODELS)), schedule=schedules(), batch=st.lists(sample, min_size=1, max_size=3))
 def test_compiled_stack_invariants(family, schedule, batch):
     model = MODELS[family]

@@ -55,7 +55,10 @@ def plan_grid(params: ToMeParams, grid: tuple[int, int, int]) -> tuple[int, int,
 
 def bipartite_pairs(metric: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """``(src, dst)`` [L, r]: the ``r`` even-indexed units best matched to an odd-indexed one, per line."""
-    width = metric.shape[1]
+    lines, width = metric.shape[:2]
+    if r == 0:
+        empty = torch.zeros(lines, 0, dtype=torch.long, device=metric.device)
+        return empty, empty
     a_idx = torch.arange(0, width, 2, device=metric.device)
     b_idx = torch.arange(1, width, 2, device=metric.device)
     m = F.normalize(metric.float(), dim=-1)

@@ -13,6 +13,7 @@ from luvc.models.qwen2_vl import received_attention
 from luvc.registry import get_registry
 from luvc.state import LLMState, VisionState
 from luvc.transforms.dart import duplication_scores
+from luvc.transforms.tome import bipartite_pairs
 from luvc.transforms.visionzip import zip_frame
 from luvc.zoo import build_model, model_config, vlm_inputs
 
@@ -174,3 +175,10 @@ def test_visionzip_frame_keeps_dominant_units_in_order_then_contextual():
     assert out_x.shape[0] == 6
     torch.testing.assert_close(out_x[:4], x[8:12])
     assert float(out_s.sum()) == 12.0, "every unit is kept or merged into a contextual unit"
+
+
+def test_tome_leaves_a_one_unit_frame_alone():
+    """Found by the property tests: a frame pooled down to one unit has nothing to merge."""
+    metric = torch.randn(2, 1, 4)
+    src, dst = bipartite_pairs(metric, 0)
+    assert src.shape == dst.shape == (2, 0)
