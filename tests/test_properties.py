@@ -61,7 +61,7 @@ crop = st.tuples(st.integers(28, 170), st.integers(28, 170))
 sample = st.tuples(st.lists(crop, max_size=2), st.lists(st.integers(10, 400), min_size=1, max_size=6))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(family="qwen2-vl-tiny", batch=[([(28, 28)], [10])], schedule={  # a frame pooled to one unit, then ToMe
     "name": "found", "eliminate_visual": False, "llm": [],
     "vision": [{"transform": "uniform_pool", "at": 0, "params": {"stride": (2, 2)}},
