@@ -9,16 +9,26 @@ shipped checkpoint was made by this command with its defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 
 from luvc.fidelity.model import CHECKPOINT, build_tokenizer, encode, new_model
-from luvc.fidelity.tasks import PHOTO, TASKS, items
+from luvc.fidelity.tasks import PHOTO, TASKS, Item, items
+
+
+def shrink(item: Item, size: int) -> Item:
+    """``item`` with its image resized to ``size`` px square."""
+    from PIL import Image
+
+    image = np.asarray(Image.fromarray(item.image).resize((size, size), Image.BILINEAR))
+    return dataclasses.replace(item, image=image)
 
 
 def answer_accuracy(model, tokenizer, batch_items, batch_size: int = 50) -> dict[str, float]:
@@ -46,13 +56,17 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           seed: int = typer.Option(0, help="initialisation seed"),
           threads: int = typer.Option(2, help="CPU threads"),
           eval_every: int = typer.Option(100, help="steps between validation runs (and checkpoint saves)"),
+          small_steps: int = typer.Option(0, help="curriculum: first steps at --small-size px (fewer visual tokens)"),
+          small_size: int = typer.Option(112, help="image side during the first --small-steps steps"),
           flat_steps: int = typer.Option(150, help="curriculum: steps on flat grey backgrounds"),
           fade_steps: int = typer.Option(300, help="curriculum: steps over which the photographs fade in")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
 
-    Curriculum: overlays on flat backgrounds first (the model learns to read the
-    image before it learns to ignore clutter), then the photographs fade in to
-    the weight every evaluation uses.
+    Curriculum: optionally smaller images first (Qwen2-VL takes any size: fewer
+    visual tokens make it easier to learn where to look); overlays on flat
+    backgrounds first (the model learns to read the image before it learns to
+    ignore clutter), then the photographs fade in to the weight every
+    evaluation uses.
     """
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +89,10 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     started = time.time()
     for step in range(steps):
         photo = PHOTO * min(1.0, max(0.0, (step - flat_steps) / max(1, fade_steps)))
-        inputs = encode(items("train", batch, start=step * batch, photo=photo), tokenizer, model.config,
-                        with_answers=True)
+        batch_items = items("train", batch, start=step * batch, photo=photo)
+        if step < small_steps:
+            batch_items = [shrink(item, small_size) for item in batch_items]
+        inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
         loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -58,3 +58,12 @@ def test_encoded_inputs_have_256_visual_tokens_and_answer_labels():
     prompt = encode(batch, tokenizer, config)
     assert "labels" not in prompt
     assert tokenizer.decode(prompt["input_ids"][0, -len(batch[0].question.split()):]) == batch[0].question
+
+
+def test_the_small_image_curriculum_gives_fewer_visual_tokens():
+    from luvc.fidelity.train import shrink
+
+    item = shrink(make_item("train", 0), 112)
+    inputs = encode([item], build_tokenizer(), fidelity_config(), with_answers=True)
+    assert item.image.shape == (112, 112, 3)
+    assert int((inputs["input_ids"] == fidelity_config().image_token_id).sum()) == 64
