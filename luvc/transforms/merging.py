@@ -1,9 +1,14 @@
-"""Size-weighted merging of whole units, shared by the vision-side merging transforms."""
+"""Size-weighted merging of whole units and per-image views, shared by the vision-side transforms."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from luvc.state import VisionState
 
 
 def merge_units(x: Tensor, sizes: Tensor, positions: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,3 +46,49 @@ def merge_units(x: Tensor, sizes: Tensor, positions: Tensor, src: Tensor, dst: T
     new_sizes = merged[..., -1]
     return (merged[..., :dim] / new_sizes[..., None]).to(x.dtype), new_sizes, merged[..., dim:dim + 2] / new_sizes[
         ..., None]
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """One image of a ``VisionState``, as views ``[t, h, w, unit, ...]`` of its unit grid."""
+
+    grid: tuple[int, int, int]
+    hidden: Tensor  # [t, h, w, u, D]
+    sizes: Tensor  # [t, h, w, u]
+    positions: Tensor  # [t, h, w, u, 2]
+    keys: Tensor | None  # [t, h, w, u, Dk] from the block before, if it captured them
+    attention: Tensor | None  # [t, h, w, u] received in the block before, if asked for
+
+    def metric(self) -> Tensor:
+        """[t, h, w, M] each unit's mean key (the patch embeddings before the first block), float."""
+        source = self.keys if self.keys is not None else self.hidden
+        return source.float().mean(dim=3)
+
+
+def map_images(state: VisionState, fn: Callable[[ImageTokens], tuple[Tensor, Tensor, Tensor, tuple]]) -> VisionState:
+    """A new state from ``fn(image) -> (hidden, sizes, positions, grid)`` applied to every image.
+
+    ``fn`` returns its image's new tokens in any shape ending in ``D``, ``()``
+    and ``2`` respectively (flattened here, in order) and its new unit grid.
+    """
+    hidden, sizes, positions, grids = [], [], [], []
+    start = 0
+    u = state.unit
+    for grid in state.grids:
+        t, h, w = grid
+        view = slice(start, start + t * h * w * u)
+        start = view.stop
+        shape = (t, h, w, u)
+        image = ImageTokens(
+            grid, state.hidden[view].reshape(*shape, -1), state.sizes[view].reshape(shape),
+            state.positions[view].reshape(*shape, 2),
+            state.keys[view].reshape(*shape, -1) if state.keys is not None else None,
+            state.attention[view].reshape(shape) if state.attention is not None else None,
+        )
+        x, s, p, new_grid = fn(image)
+        hidden.append(x.reshape(-1, x.shape[-1]))
+        sizes.append(s.reshape(-1))
+        positions.append(p.reshape(-1, 2))
+        grids.append(new_grid)
+    return state.replace(hidden=torch.cat(hidden), sizes=torch.cat(sizes), positions=torch.cat(positions),
+                         grids=tuple(grids))

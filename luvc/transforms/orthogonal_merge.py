@@ -40,7 +40,7 @@ from torch import Tensor
 
 from luvc.registry import TransformSpec, hookimpl
 from luvc.state import VisionState, round_half_up
-from luvc.transforms.merging import merge_units
+from luvc.transforms.merging import ImageTokens, map_images, merge_units
 
 
 class OIMParams(BaseModel):
@@ -104,42 +104,25 @@ def neighbor_merge(
 
 def orthogonal_merge(state: VisionState, params: OIMParams) -> VisionState:
     """One OIM step over every image of ``state`` along ``params.axis`` (bound)."""
-    metric_src = state.keys if state.keys is not None else state.hidden
-    pieces: dict[str, list[Tensor]] = {"x": [], "s": [], "p": [], "k": []}
-    grids = []
-    start = 0
-    for grid in state.grids:
-        t, h, w = grid
-        n = t * h * w * state.unit
-        view = slice(start, start + n)
-        start += n
-        new_grid = plan_grid(params, grid)
-        grids.append(new_grid)
-        shape = (t, h, w, state.unit)
-        x = state.hidden[view].reshape(*shape, -1)
-        s = state.sizes[view].reshape(shape)
-        p = state.positions[view].reshape(*shape, 2)
-        k = metric_src[view].reshape(*shape, -1).float().mean(dim=3)
+    u = state.unit
+
+    def merge(image: ImageTokens):
+        t = image.grid[0]
+        x, s, p, k = image.hidden, image.sizes, image.positions, image.metric()
         if params.axis == "height":  # lines run down the columns
             x, s, p, k = (v.transpose(1, 2) for v in (x, s, p, k))
         lines = x.shape[0] * x.shape[1]
         r = merges_per_line(x.shape[2], params)
-        x, s, p = neighbor_merge(
-            x.reshape(lines, x.shape[2], state.unit, -1), k.reshape(lines, k.shape[2], -1),
-            s.reshape(lines, -1, state.unit), p.reshape(lines, -1, state.unit, 2), r,
-        )
-        x = x.reshape(t, -1, x.shape[1], state.unit, x.shape[-1])
-        s = s.reshape(t, -1, s.shape[1], state.unit)
-        p = p.reshape(t, -1, p.shape[1], state.unit, 2)
+        x, s, p = neighbor_merge(x.reshape(lines, x.shape[2], u, -1), k.reshape(lines, k.shape[2], -1),
+                                 s.reshape(lines, -1, u), p.reshape(lines, -1, u, 2), r)
+        x = x.reshape(t, -1, x.shape[1], u, x.shape[-1])
+        s = s.reshape(t, -1, s.shape[1], u)
+        p = p.reshape(t, -1, p.shape[1], u, 2)
         if params.axis == "height":
             x, s, p = (v.transpose(1, 2) for v in (x, s, p))
-        pieces["x"].append(x.reshape(-1, x.shape[-1]))
-        pieces["s"].append(s.reshape(-1))
-        pieces["p"].append(p.reshape(-1, 2))
-    return state.replace(
-        hidden=torch.cat(pieces["x"]), sizes=torch.cat(pieces["s"]), positions=torch.cat(pieces["p"]),
-        grids=tuple(grids), keys=None,
-    )
+        return x, s, p, plan_grid(params, image.grid)
+
+    return map_images(state, merge)
 
 
 def _bind(params: OIMParams, occurrence: int) -> OIMParams:

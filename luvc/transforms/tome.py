@@ -31,7 +31,7 @@ from torch import Tensor
 
 from luvc.registry import TransformSpec, hookimpl
 from luvc.state import VisionState, round_half_up
-from luvc.transforms.merging import merge_units
+from luvc.transforms.merging import ImageTokens, map_images, merge_units
 
 
 class ToMeParams(BaseModel):
@@ -70,27 +70,16 @@ def bipartite_pairs(metric: Tensor, r: int) -> tuple[Tensor, Tensor]:
 
 def tome(state: VisionState, params: ToMeParams) -> VisionState:
     """One ToMe step over every frame of every image."""
-    metric_src = state.keys if state.keys is not None else state.hidden
-    xs, ss, ps, grids = [], [], [], []
-    start = 0
-    u = state.unit
-    for t, h, w in state.grids:
-        n = t * h * w * u
-        view = slice(start, start + n)
-        start += n
-        x = state.hidden[view].reshape(t, h * w, u, -1)
-        s = state.sizes[view].reshape(t, h * w, u)
-        p = state.positions[view].reshape(t, h * w, u, 2)
-        metric = metric_src[view].reshape(t, h * w, u, -1).float().mean(dim=2)
+    def merge(image: ImageTokens):
+        t, h, w = image.grid
+        frame = (t, h * w)
         r = merges(h * w, params)
-        src, dst = bipartite_pairs(metric, r)
-        x, s, p = merge_units(x, s, p, src, dst)
-        xs.append(x.reshape(-1, x.shape[-1]))
-        ss.append(s.reshape(-1))
-        ps.append(p.reshape(-1, 2))
-        grids.append((t, 1, h * w - r))
-    return state.replace(hidden=torch.cat(xs), sizes=torch.cat(ss), positions=torch.cat(ps), grids=tuple(grids),
-                         keys=None)
+        src, dst = bipartite_pairs(image.metric().reshape(*frame, -1), r)
+        x, s, p = merge_units(image.hidden.reshape(*frame, state.unit, -1), image.sizes.reshape(*frame, state.unit),
+                              image.positions.reshape(*frame, state.unit, 2), src, dst)
+        return x, s, p, (t, 1, h * w - r)
+
+    return map_images(state, merge)
 
 
 @hookimpl

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from luvc.registry import TransformSpec, hookimpl
 from luvc.state import VisionState
+from luvc.transforms.merging import ImageTokens, map_images
 
 
 class PoolParams(BaseModel):
@@ -38,27 +39,20 @@ def uniform_pool(state: VisionState, params: PoolParams) -> VisionState:
     sh, sw = params.stride
     if (sh, sw) == (1, 1):
         return state
-    u = state.unit
-    xs, ss, ps, grids = [], [], [], []
-    start = 0
-    for t, h, w in state.grids:
-        n = t * h * w * u
-        view = slice(start, start + n)
-        start += n
-        weight = state.sizes[view].float().reshape(t, h, w, u, 1)
-        values = torch.cat([state.hidden[view].float().reshape(t, h, w, u, -1) * weight,
-                            state.positions[view].reshape(t, h, w, u, 2) * weight, weight], dim=-1)
+    dim = state.hidden.shape[-1]
+
+    def pool(image: ImageTokens):
+        t, h, w = image.grid
+        weight = image.sizes.float()[..., None]
+        values = torch.cat([image.hidden.float() * weight, image.positions * weight, weight], dim=-1)
         H, W = math.ceil(h / sh), math.ceil(w / sw)
         values = F.pad(values, (0, 0, 0, 0, 0, W * sw - w, 0, H * sh - h))
-        pooled = values.reshape(t, H, sh, W, sw, u, -1).sum(dim=(2, 4))
+        pooled = values.reshape(t, H, sh, W, sw, state.unit, -1).sum(dim=(2, 4))
         sizes = pooled[..., -1]
-        dim = state.hidden.shape[-1]
-        xs.append((pooled[..., :dim] / sizes[..., None]).reshape(-1, dim).to(state.hidden.dtype))
-        ps.append((pooled[..., dim:dim + 2] / sizes[..., None]).reshape(-1, 2))
-        ss.append(sizes.reshape(-1))
-        grids.append((t, H, W))
-    return state.replace(hidden=torch.cat(xs), sizes=torch.cat(ss), positions=torch.cat(ps), grids=tuple(grids),
-                         keys=None)
+        hidden = (pooled[..., :dim] / sizes[..., None]).to(state.hidden.dtype)
+        return hidden, sizes, pooled[..., dim:dim + 2] / sizes[..., None], (t, H, W)
+
+    return map_images(state, pool)
 
 
 @hookimpl

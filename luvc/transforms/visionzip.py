@@ -33,6 +33,7 @@ from torch import Tensor
 from luvc.errors import CompileError
 from luvc.registry import TransformSpec, hookimpl
 from luvc.state import VisionState, round_half_up
+from luvc.transforms.merging import ImageTokens, map_images
 
 
 class VisionZipParams(BaseModel):
@@ -90,26 +91,19 @@ def visionzip(state: VisionState, params: VisionZipParams) -> VisionState:
     if state.attention is None or state.keys is None:
         raise CompileError("visionzip needs the attention and keys of the vision block before it; "
                            "place it after a block (at: 1.0 runs it at the tower's exit)")
-    u = state.unit
-    xs, ss, ps, grids = [], [], [], []
-    start = 0
-    for t, h, w in state.grids:
-        n = t * h * w * u
-        view = slice(start, start + n)
-        start += n
-        x = state.hidden[view].reshape(t, h * w, u, -1)
-        s = state.sizes[view].reshape(t, h * w, u)
-        p = state.positions[view].reshape(t, h * w, u, 2)
-        scores = state.attention[view].reshape(t, h * w, u).mean(dim=2)
-        keys = state.keys[view].reshape(t, h * w, u, -1).float().mean(dim=2)
+
+    def zip_image(image: ImageTokens):
+        t, h, w = image.grid
+        frame = (t, h * w)
+        x = image.hidden.reshape(*frame, state.unit, -1)
+        s, p = image.sizes.reshape(*frame, state.unit), image.positions.reshape(*frame, state.unit, 2)
+        scores = image.attention.reshape(*frame, state.unit).mean(dim=2)
+        keys = image.metric().reshape(*frame, -1)
         dominant, contextual = split_counts(h * w, params)
-        for f in range(t):
-            fx, fs, fp = zip_frame(x[f], s[f], p[f], scores[f], keys[f], dominant, contextual)
-            xs.append(fx.reshape(-1, fx.shape[-1]))
-            ss.append(fs.reshape(-1))
-            ps.append(fp.reshape(-1, 2))
-        grids.append((t, 1, dominant + contextual))
-    return state.replace(hidden=torch.cat(xs), sizes=torch.cat(ss), positions=torch.cat(ps), grids=tuple(grids))
+        frames = [zip_frame(x[f], s[f], p[f], scores[f], keys[f], dominant, contextual) for f in range(t)]
+        return (*(torch.cat([fr[i] for fr in frames]) for i in range(3)), (t, 1, dominant + contextual))
+
+    return map_images(state, zip_image)
 
 
 @hookimpl
