@@ -34,6 +34,7 @@ from luvc.models.llava import CompiledLlavaModel
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
 from luvc.models.sized_attention import batched_sized_attention
+from luvc.models.vision_scores import patch_scores
 from luvc.registry import hookimpl
 from luvc.state import LedgerRow, VisionState
 
@@ -64,16 +65,8 @@ class InternViTLayerNode(StackNode):
                 out = self._sized_layer(x, sizes)
             else:
                 out = self.block(x)
-        heads, dim = attn.num_heads, attn.head_dim
-        received = patch_keys = None
-        if queries:  # attention from the class token, mean over heads
-            k = keys[0].view(images, -1, heads, dim)
-            cls = queries[0][:, :1].view(images, 1, heads, dim)
-            probs = (torch.einsum("bqhd,bkhd->bhqk", cls.float(), k.float()) * attn.scale).softmax(dim=-1)
-            received = probs.mean(dim=1)[:, 0, prefix:].reshape(-1)
-        if keys:
-            patch_keys = keys[0].view(images, -1, heads, dim).mean(dim=2)[:, prefix:]
-            patch_keys = patch_keys.reshape(-1, patch_keys.shape[-1])
+        patch_keys, received = patch_scores(queries[0] if queries else None, keys[0] if keys else None, images,
+                                            attn.num_heads, attn.head_dim, prefix, attn.scale)
         return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
                                    keys=patch_keys, attention=received)
 

@@ -28,6 +28,7 @@ from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.models.runtime import CompiledVLM, install_compiled, uninstall_compiled, vision_output
 from luvc.models.sized_attention import SizedCLIPAttention
+from luvc.models.vision_scores import patch_scores
 from luvc.registry import hookimpl
 from luvc.state import LedgerRow, VisionState
 
@@ -59,16 +60,8 @@ class CLIPLayerNode(StackNode):
         with captured_output(attn.k_proj if self.capture_keys else None, lambda k: k) as keys, \
                 captured_output(attn.q_proj if self.capture_attention else None, lambda q: q) as queries:
             out = self.block(x, None, **extra)
-        received = None
-        if queries:  # attention from the class token, mean over heads
-            k = keys[0].view(images, -1, attn.num_heads, attn.head_dim)
-            cls = queries[0][:, 0].view(images, 1, attn.num_heads, attn.head_dim)
-            probs = (torch.einsum("bqhd,bkhd->bhqk", cls.float(), k.float()) * attn.scale).softmax(dim=-1)
-            received = probs.mean(dim=1)[:, 0, prefix:].reshape(-1)
-        patch_keys = None
-        if keys:
-            patch_keys = keys[0].view(images, -1, attn.num_heads, attn.head_dim).mean(dim=2)[:, prefix:]
-            patch_keys = patch_keys.reshape(-1, patch_keys.shape[-1])
+        patch_keys, received = patch_scores(queries[0] if queries else None, keys[0] if keys else None, images,
+                                            attn.num_heads, attn.head_dim, prefix, attn.scale)
         return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
                                    keys=patch_keys, attention=received)
 

@@ -27,6 +27,7 @@ from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.models.runtime import CompiledVLM, install_compiled, uninstall_compiled, vision_output
 from luvc.models.sized_attention import SizedVisionAttention
+from luvc.models.vision_scores import received_attention
 from luvc.registry import hookimpl
 from luvc.state import LedgerRow, VisionState
 
@@ -79,24 +80,6 @@ class VisionBlockNode(StackNode):
             q, k_rot = apply_rotary(q, k, *rope)
             received = received_attention(q, k_rot, cu_seqlens, attn.scaling)
         return out, k.mean(dim=1), received
-
-
-def received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, scale: float, chunk: int = 1024) -> Tensor:
-    """[N] softmax attention each token receives, averaged over heads and over the queries of its segment.
-
-    ``q``, ``k``: [N, H, d]; segments (frames or windows) by ``cu_seqlens``;
-    queries are processed ``chunk`` at a time so memory stays O(chunk * N).
-    """
-    out = torch.zeros(q.shape[0], device=q.device)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        keys = k[start:end].float().transpose(0, 1)  # [H, n, d]
-        total = torch.zeros(end - start, device=q.device)
-        for row in range(start, end, chunk):
-            queries = q[row:min(row + chunk, end)].float().transpose(0, 1)
-            total += ((queries @ keys.transpose(1, 2)) * scale).softmax(dim=-1).sum(dim=(0, 1))
-        out[start:end] = total / (k.shape[1] * (end - start))
-    return out
 
 
 def _cumulative(lengths: list[int], device) -> Tensor:

@@ -9,7 +9,7 @@ from conftest import greedy_without_cache
 import luvc
 from luvc.models.llava import CLIPLayerNode
 from luvc.models.llm import DecoderLayerNode, attention_rows
-from luvc.models.qwen2_vl import received_attention
+from luvc.models.vision_scores import patch_scores, received_attention
 from luvc.registry import get_registry
 from luvc.state import LLMState, VisionState
 from luvc.transforms.dart import duplication_scores
@@ -182,3 +182,13 @@ def test_tome_leaves_a_one_unit_frame_alone():
     metric = torch.randn(2, 1, 4)
     src, dst = bipartite_pairs(metric, 0)
     assert src.shape == dst.shape == (2, 0)
+
+
+def test_without_a_class_token_patches_are_ranked_by_attention_received():
+    """SigLIP-style towers (Idefics3) have no class token: the score is the mean attention each patch receives."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 6, 8), torch.randn(2, 6, 8)  # 2 images, 6 patches, 2 heads x 4
+    keys, received = patch_scores(q, k, images=2, heads=2, head_dim=4, prefix=0, scale=0.5)
+    probs = (torch.einsum("bqhd,bkhd->bhqk", q.view(2, 6, 2, 4), k.view(2, 6, 2, 4)) * 0.5).softmax(-1)
+    torch.testing.assert_close(received, probs.mean(dim=(1, 2)).reshape(-1))
+    assert keys.shape == (12, 4)
