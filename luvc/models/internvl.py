@@ -21,54 +21,38 @@ What is specific to InternVL, and lives here:
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor, nn
 from transformers import InternVLForConditionalGeneration
 from transformers.models.internvl.modeling_internvl import InternVLModelOutputWithPast
 
 from luvc.errors import CompileError
-from luvc.fx.nodes import StackNode, captured_output
-from luvc.models.llava import CompiledLlavaModel
+from luvc.fx.nodes import StackNode
+from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
 from luvc.models.sized_attention import batched_sized_attention
-from luvc.models.vision_scores import patch_scores
 from luvc.registry import hookimpl
 from luvc.state import LedgerRow, VisionState
 
 UNIT = 4  # the 2x2 block the pixel shuffle turns into one token
 
 
-class InternViTLayerNode(StackNode):
-    """One InternViT layer on a ``VisionState`` whose images share one grid, class token as prefix."""
+class InternViTLayerNode(CLIPLayerNode):
+    """One InternViT layer on a ``VisionState`` whose images share one grid, class token as prefix.
 
-    site = "vision"
+    InternViT's layer passes nothing to its attention, so merged tokens' sizes
+    are applied by running the layer's own computation here (``_sized_layer``).
+    """
 
-    def __init__(self, layer: nn.Module, index: int) -> None:
-        super().__init__()
-        self.block = layer
-        self.index = index
-        self.capture_keys = False
-        self.capture_attention = False
+    def _attention(self) -> nn.Module:
+        return self.block.attention
 
-    def forward(self, state: VisionState) -> VisionState:
-        state.log.append(LedgerRow(f"vision.blocks.{self.index}", "vision", state.tokens_per_image()))
-        images, prefix = state.prefix.shape[:2]
-        x = torch.cat([state.prefix, state.hidden.view(images, -1, state.hidden.shape[-1])], dim=1)
-        attn = self.block.attention
-        with captured_output(attn.k_norm if self.capture_keys else None, lambda k: k) as keys, \
-                captured_output(attn.q_norm if self.capture_attention else None, lambda q: q) as queries:
-            if bool((state.sizes != 1).any()):
-                sizes = torch.cat([state.sizes.new_ones(images, prefix), state.sizes.view(images, -1)], dim=1)
-                out = self._sized_layer(x, sizes)
-            else:
-                out = self.block(x)
-        patch_keys, received = patch_scores(queries[0] if queries else None, keys[0] if keys else None, images,
-                                            attn.num_heads, attn.head_dim, prefix, attn.scale)
-        return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
-                                   keys=patch_keys, attention=received)
+    def _captured(self, attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return attn.k_norm, attn.q_norm
+
+    def _run(self, x: Tensor, sizes: Tensor | None) -> Tensor:
+        return self.block(x) if sizes is None else self._sized_layer(x, sizes)
 
     def _sized_layer(self, x: Tensor, sizes: Tensor) -> Tensor:
         """The layer's own computation, with size-weighted attention."""

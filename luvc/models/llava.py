@@ -52,18 +52,29 @@ class CLIPLayerNode(StackNode):
         prefix_tokens = state.prefix if state.prefix is not None else state.hidden.new_zeros(images, 0, dim)
         prefix = prefix_tokens.shape[1]
         x = torch.cat([prefix_tokens, state.hidden.view(images, -1, dim)], dim=1)
-        extra = {}
+        sizes = None
         if bool((state.sizes != 1).any()):
-            ones = state.sizes.new_ones(images, prefix)
-            extra["luvc_sizes"] = torch.cat([ones, state.sizes.view(images, -1)], dim=1)
-        attn = self.block.self_attn
-        with captured_output(attn.k_proj if self.capture_keys else None, lambda k: k) as keys, \
-                captured_output(attn.q_proj if self.capture_attention else None, lambda q: q) as queries:
-            out = self.block(x, None, **extra)
+            sizes = torch.cat([state.sizes.new_ones(images, prefix), state.sizes.view(images, -1)], dim=1)
+        attn = self._attention()
+        key_point, query_point = self._captured(attn)
+        with captured_output(key_point if self.capture_keys else None, lambda k: k) as keys, \
+                captured_output(query_point if self.capture_attention else None, lambda q: q) as queries:
+            out = self._run(x, sizes)
         patch_keys, received = patch_scores(queries[0] if queries else None, keys[0] if keys else None, images,
                                             attn.num_heads, attn.head_dim, prefix, attn.scale)
         return dataclasses.replace(state, hidden=out[:, prefix:].reshape(-1, out.shape[-1]), prefix=out[:, :prefix],
                                    keys=patch_keys, attention=received)
+
+    def _attention(self) -> nn.Module:
+        return self.block.self_attn
+
+    def _captured(self, attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The modules whose outputs are the keys and the queries, [images, tokens, H * d]."""
+        return attn.k_proj, attn.q_proj
+
+    def _run(self, x: Tensor, sizes: Tensor | None) -> Tensor:
+        """The layer on ``[images, prefix + n, D]``; ``sizes`` (same shape, no D) when tokens were merged."""
+        return self.block(x, None, **({"luvc_sizes": sizes} if sizes is not None else {}))
 
 
 class ProjectorNode(StackNode):
