@@ -97,11 +97,7 @@ class CompiledInternVLModel(CompiledLlavaModel):
 
     def get_image_features(self, pixel_values: Tensor, vision_feature_layer=None, vision_feature_select_strategy=None,
                            **kwargs):
-        for name, value in (("vision_feature_layer", vision_feature_layer),
-                            ("vision_feature_select_strategy", vision_feature_select_strategy)):
-            if value is not None and value != getattr(self.config, name):
-                raise CompileError(f"this model was compiled for {name}={getattr(self.config, name)!r}, "
-                                   f"got {value!r}; uncompile, set it in the config, and compile again")
+        self._luvc_check_features(vision_feature_layer, vision_feature_select_strategy)
         tower = self.vision_tower
         x = tower.embeddings(pixel_values.type(tower.dtype))
         images, tokens, dim = x.shape

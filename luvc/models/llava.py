@@ -101,11 +101,7 @@ class CompiledLlavaModel(CompiledVLM):
 
     def get_image_features(self, pixel_values: Tensor, vision_feature_layer=None, vision_feature_select_strategy=None,
                            image_sizes=None, **kwargs):
-        for name, value in (("vision_feature_layer", vision_feature_layer),
-                            ("vision_feature_select_strategy", vision_feature_select_strategy)):
-            if value is not None and value != getattr(self.config, name):
-                raise CompileError(f"this model was compiled for {name}={getattr(self.config, name)!r}, "
-                                   f"got {value!r}; uncompile, set it in the config, and compile again")
+        self._luvc_check_features(vision_feature_layer, vision_feature_select_strategy)
         tower = self.vision_tower
         x = tower.embeddings(pixel_values.type(tower.dtype))
         x = tower.pre_layrnorm(x)
@@ -118,6 +114,14 @@ class CompiledLlavaModel(CompiledVLM):
                             prefix=x[:, :1], log=[])
         state = self._luvc_sections[0](state)
         return vision_output(state, [side * side] * images)
+
+    def _luvc_check_features(self, vision_feature_layer, vision_feature_select_strategy) -> None:
+        """Refuse a per-call feature layer or strategy other than the one the graph was compiled for."""
+        for name, value in (("vision_feature_layer", vision_feature_layer),
+                            ("vision_feature_select_strategy", vision_feature_select_strategy)):
+            if value is not None and value != getattr(self.config, name):
+                raise CompileError(f"this model was compiled for {name}={getattr(self.config, name)!r}, "
+                                   f"got {value!r}; uncompile, set it in the config, and compile again")
 
     def _luvc_positions(self, ids, valid, encoded, position_ids, rebuilt, kwargs):
         if rebuilt:  # the placeholders were shortened: number the kept tokens in order
