@@ -78,6 +78,7 @@ class LLMState:
     source: Tensor  # [B, S] long: index in the caller's sequence, -1 for padding
     cache: object | None = None  # the model's KV cache, each layer holding only what it kept
     decoding: bool = False  # True after prefill: new tokens only, the ledger is not written
+    image_blocks: bool = False  # each image's tokens attend to each other both ways (Gemma 3)
     log: list[LedgerRow] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # adapter's per-state cache (masks, rotary)
     site = "llm"

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3VisionConfig,
@@ -21,11 +24,14 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -107,6 +113,27 @@ CONFIGS: dict[str, dict] = {
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                     image_size=224, patch_size=14),
     ),
+    # Gemma 3: SigLIP patches average-pooled 4 x 4 into soft tokens (as the released models do), a Gemma 3
+    # LLM alternating sliding-window and global layers; the window is short enough to cut inside a prompt.
+    "gemma3-tiny": dict(
+        family="gemma3",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, sliding_window=48, sliding_window_pattern=2,
+                  query_pre_attn_scalar=16),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=224, patch_size=7),
+        tokens_per_image=64,
+    ),
+    # LLaVA-OneVision: SigLIP on a base tile plus any-resolution tiles (8 x 8 patches each here), newline
+    # tokens after each row of the stitched tiles, video frames pooled 2 x 2; a Qwen2 LLM.
+    "llava-onevision-tiny": dict(
+        family="llava_onevision",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                    image_size=112, patch_size=14),
+        pinpoints=[[112, 112], [112, 224], [224, 112], [224, 224], [112, 336], [336, 112]],
+    ),
     "llava-1.5-7b": dict(
         family="llava",
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -120,6 +147,8 @@ FAMILIES = {
     "llava": (LlavaConfig, LlavaForConditionalGeneration),
     "internvl": (InternVLConfig, InternVLForConditionalGeneration),
     "idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
+    "gemma3": (Gemma3Config, Gemma3ForConditionalGeneration),
+    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
@@ -153,6 +182,30 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
                                 image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=False)
         config.image_seq_length = (vision["image_size"] // vision["patch_size"] // 2) ** 2
         return config
+    if spec["family"] == "gemma3":
+        vision = dict(spec["vision"])
+        if layers is not None:
+            text["num_hidden_layers"] = layers
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        pattern = text.pop("sliding_window_pattern")
+        text["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                               for i in range(text["num_hidden_layers"])]
+        config = Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=SiglipVisionConfig(**vision),
+                              mm_tokens_per_image=spec["tokens_per_image"], image_token_index=IMAGE_TOKEN,
+                              boi_token_index=VISION_START, eoi_token_index=VISION_END)
+        config.image_seq_length = spec["tokens_per_image"]
+        return config
+    if spec["family"] == "llava_onevision":
+        vision = dict(spec["vision"])
+        if layers is not None:
+            text["num_hidden_layers"] = layers
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        return LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
+                                    image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+                                    image_grid_pinpoints=spec["pinpoints"], vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full", tie_word_embeddings=False)
     if spec["family"] == "internvl":
         vision = dict(spec["vision"])
         side = vision["image_size"] // vision["patch_size"]
@@ -191,6 +244,8 @@ def build_model(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,
     torch.manual_seed(seed)
     with torch.device(device):
         model = FAMILIES[CONFIGS[name]["family"]][1](config).eval().to(dtype)
+    if CONFIGS[name]["family"] == "gemma3" and device != "meta":  # its projector starts at zero: images would not count
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model
@@ -217,6 +272,8 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
     ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and the pixel
     tensors and grids, as the Qwen2-VL processor would.
     """
+    if getattr(config, "model_type", None) == "llava_onevision":
+        return _onevision_inputs(images, videos, prompts, config)
     if getattr(config, "model_type", None) in FIXED_GRID:
         if any(videos):
             raise ValueError(f"{config.model_type} takes no video")
@@ -259,12 +316,14 @@ FIXED_GRID = {
     "llava": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "internvl": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "idefics3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "gemma3": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
 
 def _fixed_grid_inputs(images, prompts, config) -> dict:
     """LLaVA-1.5 / InternVL-style inputs (one tile per image): each image resized to the tower's square
-    size, normalised, and ``image_seq_length`` placeholders per image before the prompt."""
+    size, normalised, and ``image_seq_length`` placeholders per image before the prompt (Gemma 3: wrapped
+    in begin/end-of-image tokens, with ``token_type_ids`` marking the placeholders, as its processor does)."""
     from PIL import Image
 
     side = config.vision_config.image_size
@@ -276,11 +335,14 @@ def _fixed_grid_inputs(images, prompts, config) -> dict:
         for image in sample:
             resized = np.array(Image.fromarray(image).convert("RGB").resize((side, side), Image.BICUBIC))
             pixels.append((torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - mean) / std)
-            row += [config.image_token_id] * config.image_seq_length
+            run = [config.image_token_id] * config.image_seq_length
+            row += [config.boi_token_index, *run, config.eoi_token_index] if config.model_type == "gemma3" else run
         rows.append(row + list(prompt))
     width = max(len(r) for r in rows)
     out = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+    if config.model_type == "gemma3":
+        out["token_type_ids"] = (out["input_ids"] == config.image_token_id).long()
     if pixels and config.model_type == "idefics3":  # [batch, tiles, 3, H, W], all-zero padding tiles
         per_row = [len(sample) for sample in images]
         most = max(per_row)
@@ -294,6 +356,55 @@ def _fixed_grid_inputs(images, prompts, config) -> dict:
         out["pixel_values"], out["pixel_attention_mask"] = stacked, masks
     elif pixels:
         out["pixel_values"] = torch.stack(pixels)
+    return out
+
+
+def _onevision_inputs(images, videos, prompts, config) -> dict:
+    """LLaVA-OneVision inputs, made by its own image processor: a sample with one image gets the base tile
+    plus any-resolution tiles, a sample with several gets base tiles only (``batch_num_images``); videos
+    are resized frames. Placeholders per image and video are what the model's packing makes of them."""
+    from PIL import Image
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    from luvc.models.llava_onevision import pack_image
+
+    side = config.vision_config.image_size
+    grid = side // config.vision_config.patch_size
+    processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                image_grid_pinpoints=config.image_grid_pinpoints)
+    images = list(images) or [[] for _ in prompts]
+    videos = list(videos) or [[] for _ in prompts]
+    flat = [image for sample in images for image in sample]
+    out: dict = {}
+    rows = [[1] for _ in prompts]
+    if flat:
+        feats = processor(images=[list(sample) for sample in images if sample], return_tensors="pt")
+        out.update(pixel_values=feats["pixel_values"], image_sizes=feats["image_sizes"],
+                   batch_num_images=feats["batch_num_images"])
+        sizes = iter(feats["image_sizes"])
+        for row, sample in zip(rows, images):
+            for _ in sample:
+                size = next(sizes)
+                tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, side) if len(sample) == 1 else 1
+                count = len(pack_image(torch.empty(tiles, grid, grid, 1), size, config, torch.empty(1)))
+                row += [config.image_token_id] * count
+    clips = [video for sample in videos for video in sample]
+    if clips:
+        mean, std = (torch.tensor(v)[:, None, None] for v in ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+        frames = [[(torch.from_numpy(np.array(Image.fromarray(f).resize((side, side), Image.BICUBIC)))
+                    .permute(2, 0, 1).float() / 255 - mean) / std for f in clip] for clip in clips]
+        out["pixel_values_videos"] = torch.stack([torch.stack(f) for f in frames])
+        for row, sample in zip(rows, videos):
+            for clip in sample:
+                row += [config.video_token_id] * (len(clip) * ((grid + 1) // 2) ** 2 + 1)
+    for row, prompt in zip(rows, prompts):
+        row += list(prompt)
+    width = max(len(r) for r in rows)
+    out["input_ids"] = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    out["attention_mask"] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return out
 
 

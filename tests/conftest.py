@@ -18,8 +18,9 @@ def _no_grad():
 
 
 #: Every supported family's tiny config: model-level tests run on each.
-FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny", "idefics3-tiny"]
-VIDEO_FAMILIES = {"qwen2-vl-tiny", "qwen2.5-vl-tiny"}
+FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny", "idefics3-tiny", "gemma3-tiny",
+            "llava-onevision-tiny"]
+VIDEO_FAMILIES = {"qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-onevision-tiny"}
 
 
 @pytest.fixture(params=FAMILIES)

@@ -70,6 +70,10 @@ class Measurement:
     ratios: dict[str, float] = field(default_factory=dict)
 
 
+#: Forward keywords that are not pixels: what the LLM prefill is called with once vision is encoded.
+TEXT_KWARGS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
 def make_inputs(model, spec: BenchInput) -> dict:
     """Processor-style inputs for ``spec`` from a bundled photograph, resized to the requested size."""
     photo = Image.fromarray(sample_image("astronaut")).resize((spec.size, spec.size))
@@ -86,7 +90,7 @@ def make_inputs(model, spec: BenchInput) -> dict:
 def measure(model, inputs: dict, schedule: str, spec: BenchInput, repeats: int, warmup: int, new_tokens: int,
             device: str) -> Measurement:
     """Measure the compiled ``model`` on ``inputs`` (see the module docstring for what)."""
-    text_kw = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    text_kw = {k: v for k, v in inputs.items() if k in TEXT_KWARGS}
     pixel_kwargs = model.model._luvc_pixel_kwargs  # the compiled family's encoder arguments, per modality
 
     def encode() -> dict:

@@ -145,11 +145,13 @@ def section(gm: fx.GraphModule, site: str) -> fx.GraphModule:
 
 
 def plan_counts(gm: fx.GraphModule, grids: list[tuple[int, int, int]], unit: int,
-                text_tokens: int = 0) -> list[tuple[str, int]]:
+                text_tokens: int = 0, llm_entry: int | None = None) -> list[tuple[str, int]]:
     """Statically predicted visual tokens entering each node, for one sample's images.
 
     ``grids`` are the images' unit grids; the vision rows count all images'
-    tokens, the LLM rows the visual tokens of the sample.
+    tokens, the LLM rows the visual tokens of the sample: one per unit left,
+    or ``llm_entry`` where the adapter packs tiles into another count
+    (LLaVA-OneVision's stitched tiles and newline tokens).
     """
     rows: list[tuple[str, int]] = []
     visual = None
@@ -162,9 +164,10 @@ def plan_counts(gm: fx.GraphModule, grids: list[tuple[int, int, int]], unit: int
             if node.meta["kind"] == "transform":
                 grids = [module.spec.plan(module.params, g) for g in grids]
             elif node.meta["kind"] == "io":
-                visual = sum(t * h * w for t, h, w in grids)
+                visual = sum(t * h * w for t, h, w in grids) if llm_entry is None else llm_entry
         else:
-            visual = visual if visual is not None else sum(t * h * w for t, h, w in grids)
+            if visual is None:
+                visual = sum(t * h * w for t, h, w in grids) if llm_entry is None else llm_entry
             rows.append((node.target, visual))
             if node.meta["kind"] == "transform":
                 visual = module.spec.plan(module.params, visual)

@@ -27,10 +27,12 @@ class CacheRecord:
 
     Attributes:
         key_valid: per layer index, [B, K] which cached keys are real tokens.
+        key_position: per sliding-window layer index, [B, K] the cached keys' positions.
         next_position: [B] position id of the next token of each row.
     """
 
     key_valid: dict[int, Tensor] = field(default_factory=dict)
+    key_position: dict[int, Tensor] = field(default_factory=dict)
     next_position: Tensor | None = None
 
 
@@ -49,19 +51,33 @@ def check_attention(config) -> None:
         )
 
 
-def attention_mask(key_valid: Tensor, q_len: int, impl: str, dtype: torch.dtype) -> Tensor:
+def attention_mask(key_valid: Tensor, q_len: int, impl: str, dtype: torch.dtype, window: int | None = None,
+                   key_position: Tensor | None = None, blocks: Tensor | None = None) -> Tensor:
     """The mask for ``q_len`` newest tokens attending to keys ``key_valid`` [B, K].
 
     Causal, padding keys hidden; a padding query sees itself so no row is
-    empty (an all-masked row would put NaN into the cache).
+    empty (an all-masked row would put NaN into the cache). With ``window``
+    (a sliding-window layer), a query sees only keys whose position
+    (``key_position`` [B, K], the model's own, so pruning does not widen the
+    window) is less than ``window`` before its own. ``blocks`` [B, K] (image
+    run per token, -1 for text; prefill only) lets the tokens of one image
+    see each other both ways, as Gemma 3's language model does.
     """
     if impl == "flash_attention_2":
+        if window is not None or blocks is not None:
+            raise CompileError("sliding windows and bidirectional image blocks need an explicit mask: "
+                               "use attn_implementation='sdpa' or 'eager'")
         return key_valid.to(torch.int32)  # rows are left-padded: FlashAttention's varlen path handles it
     k_len = key_valid.shape[1]
     q_pos = torch.arange(k_len - q_len, k_len, device=key_valid.device)[:, None]
     k_pos = torch.arange(k_len, device=key_valid.device)[None, :]
-    allowed = (key_valid[:, None, :] & (k_pos <= q_pos)) | (k_pos == q_pos)
-    allowed = allowed[:, None]  # [B, 1, q, K]
+    allowed = key_valid[:, None, :] & (k_pos <= q_pos)
+    if blocks is not None:
+        same = (blocks[:, -q_len:, None] == blocks[:, None, :]) & (blocks[:, None, :] >= 0)
+        allowed = allowed | (same & key_valid[:, None, :])
+    if window is not None:
+        allowed = allowed & (key_position[:, -q_len:, None] - key_position[:, None, :] < window)
+    allowed = (allowed | (k_pos == q_pos))[:, None]  # [B, 1, q, K]
     if impl == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill(
@@ -69,16 +85,30 @@ def attention_mask(key_valid: Tensor, q_len: int, impl: str, dtype: torch.dtype)
     )
 
 
+def image_blocks(visual: Tensor) -> Tensor:
+    """[B, S] the number of each visual token's run of consecutive visual tokens (one image), -1 for text."""
+    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+    return torch.where(visual, starts.long().cumsum(dim=1) - 1, -1)
+
+
 class DecoderLayerNode(StackNode):
-    """One decoder layer, called on an ``LLMState``."""
+    """One decoder layer, called on an ``LLMState``.
+
+    ``rotary(x, positions)`` gives the layer's (cos, sin); layers sharing a
+    ``rope_key`` share one computation per state. ``window`` makes the layer a
+    sliding-window one (keys at most ``window - 1`` positions back).
+    """
 
     site = "llm"
 
-    def __init__(self, layer: nn.Module, index: int, rotary: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, index: int, rotary, window: int | None = None,
+                 rope_key: str = "rope") -> None:
         super().__init__()
         self.block = layer
         self.index = index
         self.rotary = [rotary]  # a list keeps the shared rotary module out of this node's children
+        self.window = window
+        self.rope_key = rope_key
 
     def forward(self, state: LLMState) -> LLMState:
         hidden = state.hidden
@@ -88,20 +118,29 @@ class DecoderLayerNode(StackNode):
         record = getattr(state.cache, "luvc_record", None)
         past = record.key_valid.get(layer_idx) if record is not None else None
         key_valid = state.valid if past is None else torch.cat([past, state.valid], dim=1)
+        key_position = None
+        if self.window is not None:
+            past_position = record.key_position.get(layer_idx) if record is not None else None
+            key_position = state.position_ids[0] if past_position is None else torch.cat(
+                [past_position, state.position_ids[0]], dim=1)
         if record is not None:
             record.key_valid[layer_idx] = key_valid
+            if key_position is not None:
+                record.key_position[layer_idx] = key_position
         masks = state.scratch.setdefault("masks", {})
-        key = id(past)
+        key = (id(past), self.window)
         if key not in masks:
             impl = self.block.self_attn.config._attn_implementation
-            masks[key] = (past, attention_mask(key_valid, hidden.shape[1], impl, hidden.dtype))
-        if "rope" not in state.scratch:
+            blocks = image_blocks(state.visual) if state.image_blocks and past is None else None
+            masks[key] = (past, attention_mask(key_valid, hidden.shape[1], impl, hidden.dtype, self.window,
+                                               key_position, blocks))
+        if self.rope_key not in state.scratch:
             positions = state.position_ids[0] if state.position_ids.shape[0] == 1 else state.position_ids
-            state.scratch["rope"] = self.rotary[0](hidden, positions)
+            state.scratch[self.rope_key] = self.rotary[0](hidden, positions)
         hidden = self.block(
             hidden,
             attention_mask=masks[key][1],
-            position_embeddings=state.scratch["rope"],
+            position_embeddings=state.scratch[self.rope_key],
             position_ids=None,
             past_key_values=state.cache,
             use_cache=state.cache is not None,
@@ -145,6 +184,9 @@ def attention_rows(node: DecoderLayerNode, state: LLMState, rows: Tensor) -> Ten
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # [B, H, R, S]
     key_index = torch.arange(k.shape[2], device=k.device)
     allowed = state.valid[:, None, :] & (key_index[None, None, :] <= rows[:, :, None])
+    if node.window is not None:
+        positions = state.position_ids[0]
+        allowed &= positions.gather(1, rows)[:, :, None] - positions[:, None, :] < node.window
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)
 

@@ -20,16 +20,20 @@ from luvc.models.llm import CacheRecord, placeholder_keep, right_align, scatter_
 from luvc.state import LLMState, VisionState
 
 
-def vision_output(state: VisionState, source_counts: list[int], **extra) -> BaseModelOutputWithPooling:
+def vision_output(state: VisionState, source_counts: list[int], features: list[Tensor] | None = None,
+                  **extra) -> BaseModelOutputWithPooling:
     """A Hugging Face vision output for compressed features, carrying what the LLM side needs.
 
-    ``luvc_source_counts`` are the placeholders each item has in the caller's
-    input, ``luvc_counts`` the tokens each item now has; ``extra`` attributes
-    (``luvc_*``, one entry per item) travel along, e.g. merged grids.
+    ``features`` are the tokens each item puts in the LLM's sequence (by
+    default the state's, split by grid); ``luvc_source_counts`` are the
+    placeholders each item has in the caller's input, ``luvc_counts`` the
+    tokens each item now has; ``extra`` attributes (``luvc_*``, one entry per
+    item) travel along, e.g. merged grids.
     """
-    counts = [t * h * w * state.unit for t, h, w in state.grids]
-    out = BaseModelOutputWithPooling(last_hidden_state=state.hidden,
-                                     pooler_output=torch.split(state.hidden, counts))
+    if features is None:
+        features = torch.split(state.hidden, [t * h * w * state.unit for t, h, w in state.grids])
+    counts = [len(f) for f in features]
+    out = BaseModelOutputWithPooling(last_hidden_state=state.hidden, pooler_output=features)
     out.luvc_source_counts = list(source_counts)
     out.luvc_counts = counts
     out.luvc_ledger = state.log
@@ -57,6 +61,10 @@ class CompiledVLM:
                         rebuilt: bool, kwargs: dict) -> Tensor:
         """[P, B, S] position ids of the (possibly rebuilt) prefill sequence."""
         raise NotImplementedError
+
+    def _luvc_image_blocks(self, kwargs: dict) -> bool:
+        """Whether this call's image tokens attend to each other both ways in the LLM."""
+        return False
 
     def _luvc_decode_positions(self, positions: Tensor) -> Tensor:
         """[P, B, q] position ids for decoding, from [B, q] sequence positions."""
@@ -131,7 +139,7 @@ class CompiledVLM:
             last = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))
             cache.luvc_record = CacheRecord(next_position=last + 1)
         state = LLMState(embeds, valid, visual & valid, positions, torch.where(valid, source_index, -1),
-                         cache=cache, log=[])
+                         cache=cache, image_blocks=self._luvc_image_blocks(kwargs), log=[])
         return state, length
 
     def _luvc_decode(self, input_ids, inputs_embeds, attention_mask, cache, record: CacheRecord):

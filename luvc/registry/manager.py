@@ -33,6 +33,8 @@ BUILTIN_PLUGINS = (
     "luvc.models.llava",
     "luvc.models.internvl",
     "luvc.models.idefics3",
+    "luvc.models.gemma3",
+    "luvc.models.llava_onevision",
     "luvc.schedules.presets",
 )
 

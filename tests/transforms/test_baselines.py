@@ -7,8 +7,9 @@ import torch
 from conftest import greedy_without_cache
 
 import luvc
+from luvc.models import find_adapter
 from luvc.models.llava import CLIPLayerNode
-from luvc.models.llm import DecoderLayerNode, attention_rows
+from luvc.models.llm import attention_rows
 from luvc.models.vision_scores import patch_scores, received_attention
 from luvc.registry import get_registry
 from luvc.state import LLMState, VisionState
@@ -51,8 +52,7 @@ def test_recomputed_attention_rows_equal_eager_probabilities(family, layer, astr
     inputs = vlm_inputs([[astronaut], [coffee[:150, :300]]], prompts=[(10, 11), (12, 13, 14, 15)],
                         pixels=160 * 160, config=model_config(family))
     out = model(**inputs, output_attentions=True, output_hidden_states=True)
-    lm = getattr(model.model, "language_model", None) or model.model.text_model
-    node = DecoderLayerNode(lm.layers[layer], layer, lm.rotary_emb)
+    node = dict(find_adapter(model).stack_nodes(model))[f"llm.layers.{layer}"]  # its rotary and window
     valid = inputs["attention_mask"].bool()
     state = LLMState(out.hidden_states[layer], valid, torch.zeros_like(valid), _rope_positions(model, inputs),
                      torch.zeros_like(inputs["input_ids"]))

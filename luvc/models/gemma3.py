@@ -1,0 +1,145 @@
+"""Gemma 3 adapter (``Gemma3ForConditionalGeneration``): a SigLIP tower without a class token whose
+patches are average-pooled into soft tokens, and a Gemma 3 LLM with interleaved sliding-window and
+global layers, each with its own rotary base, where an image's tokens attend to each other both ways.
+
+What is specific to Gemma 3, and lives here:
+
+* The projector average-pools each ``k x k`` block of patches into one soft
+  token (``k = patches per side / sqrt(mm_tokens_per_image)``: 4 for the
+  released models, 896 px -> 64 x 64 patches -> 256 tokens), so a unit is that
+  block: patches are put unit-major on entry, OIM merges whole units, and the
+  projector node averages each unit's tokens (what the pooling does on an
+  unmerged grid, and a size-weighted pooling of a larger region after a merge).
+* SigLIP's attention takes the sizes of merged tokens (``SizedCLIPAttention``).
+* In the LLM, sliding-window layers see keys fewer than ``sliding_window``
+  positions back, measured in the model's own positions (pruning never widens
+  a window); each image's tokens attend to each other both ways when the
+  caller passes ``token_type_ids`` (the processor does; so does ``generate``
+  at prefill), as the model itself does. Both need an explicit mask, so
+  FlashAttention is refused; the KV cache keeps every layer's kept keys in
+  full (the window is applied by the mask, not by evicting keys).
+* The LLM sees one token per unit left; shortened placeholder runs are
+  numbered 1-D in order (the begin/end-of-image tokens are text and stay).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+from transformers import Gemma3ForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
+from transformers.models.gemma3.modeling_gemma3 import Gemma3ModelOutputWithPast
+
+from luvc.errors import CompileError
+from luvc.fx.nodes import StackNode
+from luvc.models.internvl import unit_major
+from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
+from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
+from luvc.models.sized_attention import SizedCLIPAttention
+from luvc.registry import hookimpl
+from luvc.state import LedgerRow, VisionState
+
+
+class PooledProjectorNode(StackNode):
+    """SigLIP's final norm, each unit's tokens averaged (Gemma 3's average pooling), then the soft-token
+    norm and projection."""
+
+    site = "vision"
+    kind = "io"
+
+    def __init__(self, norm: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.block = projector
+
+    def forward(self, state: VisionState) -> VisionState:
+        state.log.append(LedgerRow("vision.projector", "vision", state.tokens_per_image()))
+        unit = state.unit
+        pooled = self.norm(state.hidden).view(-1, unit, state.hidden.shape[-1]).mean(dim=1)
+        projector = self.block
+        out = torch.matmul(projector.mm_soft_emb_norm(pooled), projector.mm_input_projection_weight)
+        return state.replace(hidden=out.type_as(state.hidden), prefix=None, unit=1,
+                             sizes=state.sizes.view(-1, unit).sum(dim=1),
+                             positions=state.positions.view(-1, unit, 2).mean(dim=1))
+
+
+class CompiledGemma3Model(CompiledLlavaModel):
+    """Compiled Gemma 3 inner model: the SigLIP tower and the LLM run through the luvc graph."""
+
+    _luvc_output_class = Gemma3ModelOutputWithPast
+
+    def get_image_features(self, pixel_values: Tensor, **kwargs):
+        tower = self.vision_tower
+        x = tower.embeddings(pixel_values.type(self.vision_tower.dtype))
+        images, tokens, _ = x.shape
+        side = int(round(tokens ** 0.5))
+        block = self.multi_modal_projector.kernel_size
+        patches, positions = unit_major(x, side, block)
+        n = side // block
+        state = VisionState(hidden=patches, sizes=torch.ones(patches.shape[0], device=x.device), positions=positions,
+                            grids=((1, n, n),) * images, unit=block * block, log=[])
+        state = self._luvc_sections[0](state)
+        return vision_output(state, [n * n] * images)
+
+    def _luvc_image_blocks(self, kwargs: dict) -> bool:
+        return kwargs.get("token_type_ids") is not None
+
+    def _luvc_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs):
+        if cache is not None:  # windows are masked by position; evicting by count would drop kept keys
+            cache.layers = [layer if type(layer) is DynamicLayer else DynamicLayer() for layer in cache.layers]
+        return super()._luvc_prefill(input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs)
+
+
+class Gemma3Adapter:
+    """Adapter for ``Gemma3ForConditionalGeneration`` (SigLIP, pooled soft tokens, Gemma 3 LLM)."""
+
+    name = "gemma3"
+    architectures = ("Gemma3ForConditionalGeneration",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, Gemma3ForConditionalGeneration)
+
+    def check(self, model: nn.Module) -> None:
+        text = model.model.language_model.config
+        if text._attn_implementation not in ("eager", "sdpa"):
+            raise CompileError(f"luvc's Gemma 3 adapter needs attn_implementation 'sdpa' or 'eager', not "
+                               f"{text._attn_implementation!r}: sliding windows by position and bidirectional "
+                               "image blocks need an explicit mask")
+        if text.use_bidirectional_attention:
+            raise CompileError("luvc's Gemma 3 adapter supports the causal language model "
+                               "(use_bidirectional_attention=False)")
+        check_attention(model.model.vision_tower.config)
+
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower, lm = model.model.vision_tower, model.model.language_model
+        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
+                                              for i, layer in enumerate(tower.encoder.layers)]
+        nodes.append(("vision.projector", PooledProjectorNode(tower.post_layernorm, model.model.multi_modal_projector)))
+        for i, layer in enumerate(lm.layers):
+            kind = lm.config.layer_types[i]
+            window = lm.config.sliding_window if kind == "sliding_attention" else None
+            rotary = functools.partial(lm.rotary_emb, layer_type=kind)
+            nodes.append((f"llm.layers.{i}", DecoderLayerNode(layer, i, rotary, window, rope_key=f"rope:{kind}")))
+        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
+        return nodes
+
+    def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
+        n = int(model.config.mm_tokens_per_image ** 0.5)
+        block = model.model.multi_modal_projector.kernel_size
+        return (1, n, n), block * block
+
+    def install(self, model: nn.Module, graph: nn.Module) -> dict:
+        layers = model.model.vision_tower.encoder.layers
+        return install_compiled(model, graph, CompiledGemma3Model, [layer.self_attn for layer in layers],
+                                SizedCLIPAttention)
+
+    def uninstall(self, model: nn.Module, record: dict) -> None:
+        uninstall_compiled(model, record)
+
+
+@hookimpl
+def luvc_model_adapters() -> list:
+    return [Gemma3Adapter()]

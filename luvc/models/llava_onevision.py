@@ -1,0 +1,181 @@
+"""LLaVA-OneVision adapter (``LlavaOnevisionForConditionalGeneration``): a SigLIP tower without a
+class token run on any-resolution tiles, an MLP projector, and a Qwen2 LLM with 1-D rotary.
+
+What is specific to LLaVA-OneVision, and lives here:
+
+* An image is a base tile (the whole image resized) plus, when it is the only
+  image of its sample, a grid of high-resolution tiles; every tile is one item
+  of the same square grid, so OIM merges each tile inside the tower (the
+  tower never sees tiles together) and all tiles of a call stay one batch.
+* Packing, done here on the merged tiles as the model does on full ones: the
+  high-resolution tiles are stitched into one grid, the padding the processor
+  added is cropped to the image's aspect ratio, the grid is downsampled if
+  larger than ``anyres_max_N`` tiles' worth, and a newline token ends every
+  row; the base tile's tokens come first. The placeholders the caller's
+  input has per image are what the same packing gives on unmerged tiles.
+* Video frames are tiles of their own; after the projector each frame is
+  pooled to half its (merged) grid, bilinear, as the model does, the frames
+  are concatenated in order and one newline ends the video. Merging acts
+  within frames (SigLIP sees one frame at a time); frames keep their order,
+  numbered 1-D like every token.
+* The LLM sees what packing made; shortened placeholder runs are numbered 1-D in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModelOutputWithPast,
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
+
+from luvc.errors import CompileError
+from luvc.fx.nodes import StackNode
+from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel, ProjectorNode
+from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
+from luvc.models.sized_attention import SizedCLIPAttention
+from luvc.registry import hookimpl
+from luvc.state import VisionState
+
+
+def pack_image(tiles: Tensor, image_size, config, newline: Tensor | None) -> Tensor:
+    """One image's LLM tokens from its tiles ``[tiles, h, w, D]`` (base tile first), the model's
+    ``pack_image_features`` for any tile grid ``h x w``."""
+    if tiles.shape[0] == 1:
+        base = tiles[0].flatten(0, 1)
+        return base if newline is None else torch.cat([base, newline[None].to(base)])
+    base, high = tiles[0].flatten(0, 1), tiles[1:]
+    h, w, dim = high.shape[1:]
+    rows, cols = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+    grid = high.view(rows, cols, h, w, dim).permute(4, 0, 2, 1, 3).reshape(dim, rows * h, cols * w)
+    grid = unpad_image(grid, image_size)
+    most = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    height, width = grid.shape[1:]
+    ratio = math.sqrt(height * width / (most * h * w))
+    if ratio > 1.1:
+        grid = nn.functional.interpolate(grid[None], [int(height // ratio), int(width // ratio)], mode="bilinear")[0]
+    if newline is not None:
+        grid = torch.cat([grid, newline[:, None, None].expand(dim, grid.shape[1], 1).to(grid)], dim=-1)
+    return torch.cat([base, grid.flatten(1, 2).T])
+
+
+def pool_frame(frame: Tensor) -> Tensor:
+    """A video frame's tokens ``[h, w, D]`` pooled bilinearly to ``ceil(h/2) x ceil(w/2)``, flattened."""
+    h, w = frame.shape[:2]
+    pooled = nn.functional.interpolate(frame.permute(2, 0, 1)[None], [math.ceil(h / 2), math.ceil(w / 2)],
+                                       mode="bilinear")
+    return pooled[0].flatten(1).T
+
+
+class CompiledLlavaOnevisionModel(CompiledLlavaModel):
+    """Compiled LLaVA-OneVision inner model: SigLIP (per tile and frame) and the LLM run through the luvc graph."""
+
+    _luvc_placeholders = {"image": "image_token_id", "video": "video_token_id"}
+    _luvc_pixel_kwargs = {"image": ("pixel_values", "image_sizes", "batch_num_images"),
+                          "video": ("pixel_values_videos",)}
+    _luvc_output_class = LlavaOnevisionModelOutputWithPast
+
+    def _luvc_tiles(self, pixels: Tensor) -> tuple[VisionState, int]:
+        """Run tiles ``[N, 3, H, W]`` through the vision section; return the state and the unmerged side."""
+        tower = self.vision_tower
+        x = tower.embeddings(pixels.type(tower.dtype))
+        tiles, tokens, dim = x.shape
+        side = int(round(tokens ** 0.5))
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        positions = torch.stack([rows, cols], -1).reshape(-1, 2).float().repeat(tiles, 1).to(x.device)
+        state = VisionState(hidden=x.reshape(-1, dim), sizes=torch.ones(tiles * tokens, device=x.device),
+                            positions=positions, grids=((1, side, side),) * tiles, unit=1, log=[])
+        return self._luvc_sections[0](state), side
+
+    def get_image_features(self, pixel_values: Tensor, image_sizes: Tensor, batch_num_images=None,
+                           vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+        self._luvc_check_features(vision_feature_layer, vision_feature_select_strategy)
+        config = self.config
+        if batch_num_images is None:
+            patched = [True] * len(image_sizes)
+        else:
+            patched = [n == 1 for n in batch_num_images for _ in range(n)]
+        counts = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                  if tile else 1 for size, tile in zip(image_sizes, patched)]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, counts)])
+        state, side = self._luvc_tiles(pixel_values)
+        (_, h, w), dim = state.grids[0], state.hidden.shape[-1]
+        tiles = torch.split(state.hidden.view(-1, h, w, dim), counts)
+        features = [pack_image(t, size, config, self.image_newline) for t, size in zip(tiles, image_sizes)]
+        full = [len(pack_image(torch.empty(n, side, side, 1), size, config, torch.empty(1)))
+                for n, size in zip(counts, image_sizes)]
+        return vision_output(state, full, features)
+
+    def get_video_features(self, pixel_values_videos: Tensor, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, **kwargs):
+        self._luvc_check_features(vision_feature_layer, vision_feature_select_strategy)
+        videos, frames = pixel_values_videos.shape[:2]
+        state, side = self._luvc_tiles(pixel_values_videos.flatten(0, 1))
+        (_, h, w), dim = state.grids[0], state.hidden.shape[-1]
+        pooled = torch.stack([pool_frame(f) for f in state.hidden.view(-1, h, w, dim)])
+        newline = self.image_newline[None].to(pooled)
+        features = [torch.cat([*per_video, newline]) for per_video in pooled.view(videos, frames, -1, dim)]
+        full = frames * math.ceil(side / 2) ** 2 + 1
+        return vision_output(state, [full] * videos, features)
+
+
+class LlavaOnevisionAdapter:
+    """Adapter for ``LlavaOnevisionForConditionalGeneration`` (SigLIP on anyres tiles, MLP projector, Qwen2 LLM)."""
+
+    name = "llava_onevision"
+    architectures = ("LlavaOnevisionForConditionalGeneration",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, LlavaOnevisionForConditionalGeneration)
+
+    def check(self, model: nn.Module) -> None:
+        cfg = model.config
+        if not isinstance(cfg.vision_feature_layer, int):
+            raise CompileError("luvc's LLaVA-OneVision adapter reads one vision_feature_layer; this model "
+                               f"concatenates {cfg.vision_feature_layer}")
+        if cfg.vision_feature_select_strategy != "full":
+            raise CompileError("luvc's LLaVA-OneVision adapter supports vision_feature_select_strategy='full' "
+                               f"(SigLIP has no class token), not {cfg.vision_feature_select_strategy!r}")
+        check_attention(model.model.language_model.config)
+        check_attention(model.model.vision_tower.config)
+
+    def _used_layers(self, model: nn.Module) -> int:
+        layers = len(model.model.vision_tower.encoder.layers)
+        index = model.config.vision_feature_layer
+        return index if index >= 0 else layers + 1 + index
+
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower, lm = model.model.vision_tower, model.model.language_model
+        layers = tower.encoder.layers[: self._used_layers(model)]
+        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
+                                              for i, layer in enumerate(layers)]
+        nodes.append(("vision.projector", ProjectorNode(model.model.multi_modal_projector)))
+        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
+        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
+        return nodes
+
+    def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
+        cfg = model.config.vision_config
+        side = cfg.image_size // cfg.patch_size
+        return (1, side, side), 1
+
+    def install(self, model: nn.Module, graph: nn.Module) -> dict:
+        layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
+        return install_compiled(model, graph, CompiledLlavaOnevisionModel, [layer.self_attn for layer in layers],
+                                SizedCLIPAttention)
+
+    def uninstall(self, model: nn.Module, record: dict) -> None:
+        uninstall_compiled(model, record)
+
+
+@hookimpl
+def luvc_model_adapters() -> list:
+    return [LlavaOnevisionAdapter()]
