@@ -143,6 +143,25 @@ CONFIGS: dict[str, dict] = {
     ),
 }
 
+
+def _geometry(name: str, vision: dict, **changes) -> dict:
+    """``name``'s tiny config with another vision geometry."""
+    spec = CONFIGS[name]
+    return {**spec, **changes, "vision": {**spec["vision"], **vision}}
+
+
+# The released models' vision geometry (visual tokens per image) at the tiny width: what their
+# fixed-size towers make of any input, for FLOPs ratios on realistic visual-token counts.
+CONFIGS.update({
+    "llava-336-tiny": _geometry("llava-tiny", {"image_size": 336}),  # LLaVA-1.5: 576 tokens
+    "internvl-448-tiny": _geometry("internvl-tiny", {"image_size": 448}),  # InternVL: 256 per tile
+    "idefics3-364-tiny": _geometry("idefics3-tiny", {"image_size": 364}),  # Idefics3-8B: 169 per tile
+    "gemma3-896-tiny": _geometry("gemma3-tiny", {"image_size": 896, "patch_size": 14}, tokens_per_image=256),
+    "llava-onevision-384-tiny": _geometry(  # SigLIP-384 tiles (729 tokens), the released pinpoints
+        "llava-onevision-tiny", {"image_size": 384},
+        pinpoints=[[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]),
+})
+
 FAMILIES = {
     "llava": (LlavaConfig, LlavaForConditionalGeneration),
     "internvl": (InternVLConfig, InternVLForConditionalGeneration),
