@@ -6,8 +6,8 @@ scored by exact match:
 * ``text``: read the handwritten digit on a small label somewhere in the image
   (DocVQA / TextVQA-like: a small region decides the answer);
 * ``chart``: read one bar's value off a bar chart with grid lines (ChartQA-like);
-* ``count``: count the shapes scattered over the photo;
-* ``color``: name the colour of the shape in a given quadrant;
+* ``count``: count the shapes (one kind and size per image) scattered over the photo;
+* ``color``: name the colour of the shape in a given panel of a four-panel figure;
 * ``spatial``: say where one shape is relative to another.
 
 Photographs come from scikit-image's bundled images, digits from
@@ -15,6 +15,10 @@ scikit-learn's bundled digits. Splits never share a photograph or a digit
 glyph; chart value tuples are assigned to splits by hash; every other overlay
 is drawn from a continuous layout, so items of different splits never
 coincide. Generation is a pure function of ``(split, index)``.
+
+Each item also has a region map naming what every pixel shows in the words
+of the question it answers (``REGIONS``), which training uses to supervise
+every visual token, not only the answer.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 QUADRANTS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+PANELS = {v: k for k, v in QUADRANTS.items()}
 RELATIONS = ("left", "right", "above", "below")
 
 # Photographs per split (scikit-image's bundled images; none is shared).
@@ -63,6 +68,7 @@ class Item:
     answer: str
     key: str  # what makes the overlay unique; never shared across splits
     more: tuple[tuple[str, str], ...] = ()  # other (question, answer) pairs about the same image, for training
+    regions: np.ndarray | None = None  # [SIZE, SIZE] index into REGIONS: what each pixel shows, for training
 
 
 def vocabulary() -> list[str]:
@@ -83,6 +89,21 @@ def _question_templates() -> list[str]:
         "where is the relative to the ?",
     ]
 
+
+def _regions() -> tuple[str, ...]:
+    names = ["background"]
+    names += [f"digit {d}" for d in range(10)]
+    names += [f"bar {c} {v}" for c in ("red", "green", "blue", "yellow") for v in range(1, 10)]
+    names += [f"count {n}" for n in range(1, 7)]
+    names += [f"{c} {s} {q}" for c in COLORS for s in SHAPES for q in QUADRANTS]
+    names += [f"{c} {s} {r}" for c in COLORS for s in SHAPES for r in RELATIONS]
+    return tuple(names)
+
+
+# What a pixel shows, in the words of the question it answers: a region map per item lets
+# training supervise every visual token (``luvc.fidelity.train``), not only the answer.
+REGIONS = _regions()
+_REGION = {name: i for i, name in enumerate(REGIONS)}
 
 PHOTO = 0.45  # weight of the photograph in a background (the rest is flat grey)
 
@@ -149,11 +170,17 @@ def _shape_mask(kind: str, cy: float, cx: float, r: float) -> np.ndarray:
     return (_YY >= top) & (_YY <= bottom) & (np.abs(_XX - cx) <= half)
 
 
-def _draw(image: np.ndarray, kind: str, color: str, cy: float, cx: float, r: float) -> None:
+def _draw(image: np.ndarray, regions: np.ndarray, region: str, kind: str, color: str,
+          cy: float, cx: float, r: float) -> None:
     mask = _shape_mask(kind, cy, cx, r)
     edge = _shape_mask(kind, cy, cx, r + 2) & ~mask
     image[edge] = 0
     image[mask] = COLORS[color]
+    regions[mask | edge] = _REGION[region]
+
+
+def _blank() -> np.ndarray:
+    return np.zeros((SIZE, SIZE), dtype=np.uint8)
 
 
 def _place(rng: np.random.Generator, n: int, r: float, box=(0, 0, SIZE, SIZE), gap: float = 6.0):
@@ -189,7 +216,9 @@ def _text(split: str, rng: np.random.Generator, photo: float) -> Item:
     label = np.full((side, side, 3), 245, dtype=np.float32)
     label[pad:pad + glyph.shape[0], pad:pad + glyph.shape[1]] *= (1 - glyph[..., None] * 0.9)
     image[y:y + side, x:x + side] = label.astype(np.uint8)
-    return Item("text", image, "what digit is on the label ?", str(int(labels[g])), f"glyph{g}")
+    regions = _blank()
+    regions[y:y + side, x:x + side] = _REGION[f"digit {int(labels[g])}"]
+    return Item("text", image, "what digit is on the label ?", str(int(labels[g])), f"glyph{g}", regions=regions)
 
 
 def _chart(split: str, rng: np.random.Generator, photo: float) -> Item:
@@ -203,39 +232,46 @@ def _chart(split: str, rng: np.random.Generator, photo: float) -> Item:
     for v in range(10):
         image[base - v * unit, 16:212] = (200, 200, 200) if v else (0, 0, 0)
     image[base - 9 * unit:base + 1, 16] = 0
+    regions = _blank()
     for i, (value, color) in enumerate(zip(values, colors)):
         x0 = 28 + i * 46
         image[base - value * unit:base, x0:x0 + 30] = COLORS[color]
+        regions[base - value * unit:base, x0:x0 + 30] = _REGION[f"bar {color} {value}"]
     asked = int(rng.integers(4))
     pairs = [(f"what is the value of the {c} bar ?", str(v)) for c, v in zip(colors, values)]
     question, answer = pairs.pop(asked)
-    return Item("chart", image, question, answer, f"chart{values}{colors}", tuple(pairs))
+    return Item("chart", image, question, answer, f"chart{values}{colors}", tuple(pairs), regions)
 
 
 def _count(split: str, rng: np.random.Generator, photo: float) -> Item:
     image = _background(split, rng, photo)
     n = int(rng.integers(1, 7))
-    r = float(rng.uniform(12, 16))
-    color = str(rng.choice(list(COLORS)))
+    r = 14.0
+    color, kind = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
     pts = _place(rng, n, r)
+    regions = _blank()
     for cy, cx in pts:
-        _draw(image, str(rng.choice(SHAPES)), color, cy, cx, r)
-    return Item("count", image, "how many shapes are there ?", str(n), f"count{pts.round(1).tolist()}")
+        _draw(image, regions, f"count {n}", kind, color, cy, cx, r)
+    return Item("count", image, "how many shapes are there ?", str(n), f"count{pts.round(1).tolist()}",
+                regions=regions)
 
 
 def _color(split: str, rng: np.random.Generator, photo: float) -> Item:
     image = _background(split, rng, photo)
     colors = [str(c) for c in rng.choice(list(COLORS), 4, replace=False)]
     half = SIZE // 2
-    centres = []
+    image[half - 1:half + 1] = 0  # a four-panel figure: the panels are what "top left" names
+    image[:, half - 1:half + 1] = 0
+    centres, regions = [], _blank()
     for (qy, qx), color in zip(QUADRANTS.values(), colors):
         r = float(rng.uniform(18, 26))
-        (cy, cx), = _place(rng, 1, r, (qy * half, qx * half, (qy + 1) * half, (qx + 1) * half))
-        _draw(image, str(rng.choice(SHAPES)), color, cy, cx, r)
+        (cy, cx), = _place(rng, 1, r, (qy * half + 2, qx * half + 2, (qy + 1) * half - 2, (qx + 1) * half - 2))
+        kind = str(rng.choice(SHAPES))
+        _draw(image, regions, f"{color} {kind} {PANELS[qy, qx]}", kind, color, cy, cx, r)
         centres.append((round(cy, 1), round(cx, 1)))
-    pairs = [(f"what colour is the shape in the {name} ?", color) for name, color in zip(QUADRANTS, colors)]
-    question, answer = pairs.pop(int(rng.integers(4)))
-    return Item("color", image, question, answer, f"color{centres}", tuple(pairs))
+    name, answer = list(zip(QUADRANTS, colors))[int(rng.integers(4))]
+    return Item("color", image, f"what colour is the shape in the {name} ?", answer, f"color{centres}",
+                regions=regions)
 
 
 def _spatial(split: str, rng: np.random.Generator, photo: float) -> Item:
@@ -252,12 +288,13 @@ def _spatial(split: str, rng: np.random.Generator, photo: float) -> Item:
         sign = -1 if relation in ("left", "above") else 1
         if sign * along >= 2 * r + 20 and abs(across) <= 0.5 * abs(along):
             break
-    _draw(image, a, ca, *pa, r)
-    _draw(image, b, cb, *pb, r)
     opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[relation]
+    regions = _blank()
+    _draw(image, regions, f"{ca} {a} {relation}", a, ca, *pa, r)
+    _draw(image, regions, f"{cb} {b} {opposite}", b, cb, *pb, r)
     return Item("spatial", image, f"where is the {a} relative to the {b} ?", relation,
                 f"spatial{pa.round(1).tolist()}{pb.round(1).tolist()}",
-                ((f"where is the {b} relative to the {a} ?", opposite),))
+                ((f"where is the {b} relative to the {a} ?", opposite),), regions)
 
 
 _RENDERERS = {"text": _text, "chart": _chart, "count": _count, "color": _color, "spatial": _spatial}

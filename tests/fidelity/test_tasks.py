@@ -67,3 +67,17 @@ def test_the_small_image_curriculum_gives_fewer_visual_tokens():
     inputs = encode([item], build_tokenizer(), fidelity_config(), with_answers=True)
     assert item.image.shape == (112, 112, 3)
     assert int((inputs["input_ids"] == fidelity_config().image_token_id).sum()) == 64
+
+
+def test_region_maps_name_what_answers_each_question():
+    """Every item's region map marks the pixels its answer is read from, in the answer's own words."""
+    from luvc.fidelity.tasks import REGIONS
+    from luvc.fidelity.train import patch_regions
+
+    for index in range(25):
+        item = make_item("val", index)
+        assert item.regions.shape == item.image.shape[:2]
+        names = {REGIONS[i] for i in np.unique(item.regions)} - {"background"}
+        assert any(item.answer in name.split() for name in names), (item.task, item.answer, names)
+        patches = patch_regions(item)
+        assert len(patches) == (SIZE // 14) ** 2 and patches.max() > 0, "some patch is labelled"
