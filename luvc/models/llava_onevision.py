@@ -36,10 +36,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from luvc.errors import CompileError
-from luvc.fx.nodes import StackNode
-from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel, ProjectorNode
-from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
-from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
+from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
+from luvc.models.llm import check_attention
+from luvc.models.runtime import install_compiled, vision_output
 from luvc.models.sized_attention import SizedCLIPAttention
 from luvc.registry import hookimpl
 from luvc.state import VisionState
@@ -127,8 +126,9 @@ class CompiledLlavaOnevisionModel(CompiledLlavaModel):
         return vision_output(state, [full] * videos, features)
 
 
-class LlavaOnevisionAdapter:
-    """Adapter for ``LlavaOnevisionForConditionalGeneration`` (SigLIP on anyres tiles, MLP projector, Qwen2 LLM)."""
+class LlavaOnevisionAdapter(LlavaAdapter):
+    """Adapter for ``LlavaOnevisionForConditionalGeneration`` (SigLIP on anyres tiles, MLP projector, Qwen2 LLM):
+    LLaVA's stack (blocks up to the feature layer, projector, decoder), its own compiled forward."""
 
     name = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
@@ -147,33 +147,10 @@ class LlavaOnevisionAdapter:
         check_attention(model.model.language_model.config)
         check_attention(model.model.vision_tower.config)
 
-    def _used_layers(self, model: nn.Module) -> int:
-        layers = len(model.model.vision_tower.encoder.layers)
-        index = model.config.vision_feature_layer
-        return index if index >= 0 else layers + 1 + index
-
-    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower, lm = model.model.vision_tower, model.model.language_model
-        layers = tower.encoder.layers[: self._used_layers(model)]
-        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
-                                              for i, layer in enumerate(layers)]
-        nodes.append(("vision.projector", ProjectorNode(model.model.multi_modal_projector)))
-        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
-        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
-        return nodes
-
-    def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
-        cfg = model.config.vision_config
-        side = cfg.image_size // cfg.patch_size
-        return (1, side, side), 1
-
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
         layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
         return install_compiled(model, graph, CompiledLlavaOnevisionModel, [layer.self_attn for layer in layers],
                                 SizedCLIPAttention)
-
-    def uninstall(self, model: nn.Module, record: dict) -> None:
-        uninstall_compiled(model, record)
 
 
 @hookimpl
