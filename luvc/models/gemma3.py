@@ -34,36 +34,23 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3ModelOutputWithPast
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
-from luvc.models.internvl import unit_major
+from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
 from luvc.models.sized_attention import SizedCLIPAttention
 from luvc.registry import hookimpl
-from luvc.state import LedgerRow, VisionState
+from luvc.state import VisionState
 
 
-class PooledProjectorNode(StackNode):
+class PooledProjectorNode(PixelShuffleProjectorNode):
     """SigLIP's final norm, each unit's tokens averaged (Gemma 3's average pooling), then the soft-token
     norm and projection."""
 
-    site = "vision"
-    kind = "io"
-
-    def __init__(self, norm: nn.Module, projector: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm
-        self.block = projector
-
-    def forward(self, state: VisionState) -> VisionState:
-        state.log.append(LedgerRow("vision.projector", "vision", state.tokens_per_image()))
-        unit = state.unit
-        pooled = self.norm(state.hidden).view(-1, unit, state.hidden.shape[-1]).mean(dim=1)
+    def _project(self, hidden: Tensor, images: int, unit: int) -> Tensor:
+        pooled = hidden.view(-1, unit, hidden.shape[-1]).mean(dim=1)
         projector = self.block
-        out = torch.matmul(projector.mm_soft_emb_norm(pooled), projector.mm_input_projection_weight)
-        return state.replace(hidden=out.type_as(state.hidden), prefix=None, unit=1,
-                             sizes=state.sizes.view(-1, unit).sum(dim=1),
-                             positions=state.positions.view(-1, unit, 2).mean(dim=1))
+        return torch.matmul(projector.mm_soft_emb_norm(pooled), projector.mm_input_projection_weight).type_as(hidden)
 
 
 class CompiledGemma3Model(CompiledLlavaModel):

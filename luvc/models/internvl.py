@@ -82,12 +82,15 @@ class PixelShuffleProjectorNode(StackNode):
 
     def forward(self, state: VisionState) -> VisionState:
         state.log.append(LedgerRow("vision.projector", "vision", state.tokens_per_image()))
-        hidden = self.norm(state.hidden)
-        images, unit = len(state.grids), state.unit  # images share one grid: project them as one batch
-        units = hidden.view(images, -1, unit * hidden.shape[-1])
-        return state.replace(hidden=self.block(units).flatten(0, 1), prefix=None, unit=1,
-                             sizes=state.sizes.view(-1, unit).sum(dim=1),
+        unit = state.unit
+        return state.replace(hidden=self._project(self.norm(state.hidden), len(state.grids), unit), prefix=None,
+                             unit=1, sizes=state.sizes.view(-1, unit).sum(dim=1),
                              positions=state.positions.view(-1, unit, 2).mean(dim=1))
+
+    def _project(self, hidden: Tensor, images: int, unit: int) -> Tensor:
+        """Unit-major tokens ``[images * units * unit, D]`` -> one LLM token per unit."""
+        units = hidden.view(images, -1, unit * hidden.shape[-1])  # images share one grid: one batch
+        return self.block(units).flatten(0, 1)
 
 
 class CompiledInternVLModel(CompiledLlavaModel):

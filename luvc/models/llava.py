@@ -136,6 +136,9 @@ class LlavaAdapter:
 
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+    title = "LLaVA"
+    #: the feature strategy the compiled tower implements, and why
+    strategy = ("default", "class token dropped")
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, LlavaForConditionalGeneration)
@@ -143,11 +146,11 @@ class LlavaAdapter:
     def check(self, model: nn.Module) -> None:
         cfg = model.config
         if not isinstance(cfg.vision_feature_layer, int):
-            raise CompileError("luvc's LLaVA adapter reads one vision_feature_layer; this model concatenates "
-                               f"{cfg.vision_feature_layer}")
-        if cfg.vision_feature_select_strategy != "default":
-            raise CompileError("luvc's LLaVA adapter supports vision_feature_select_strategy='default' "
-                               f"(class token dropped), not {cfg.vision_feature_select_strategy!r}")
+            raise CompileError(f"luvc's {self.title} adapter reads one vision_feature_layer; this model "
+                               f"concatenates {cfg.vision_feature_layer}")
+        if cfg.vision_feature_select_strategy != self.strategy[0]:
+            raise CompileError(f"luvc's {self.title} adapter supports vision_feature_select_strategy="
+                               f"{self.strategy[0]!r} ({self.strategy[1]}), not {cfg.vision_feature_select_strategy!r}")
         check_attention(model.model.language_model.config)
         check_attention(model.model.vision_tower.config)
 

@@ -35,9 +35,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 
-from luvc.errors import CompileError
 from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
-from luvc.models.llm import check_attention
 from luvc.models.runtime import install_compiled, vision_output
 from luvc.models.sized_attention import SizedCLIPAttention
 from luvc.registry import hookimpl
@@ -128,24 +126,15 @@ class CompiledLlavaOnevisionModel(CompiledLlavaModel):
 
 class LlavaOnevisionAdapter(LlavaAdapter):
     """Adapter for ``LlavaOnevisionForConditionalGeneration`` (SigLIP on anyres tiles, MLP projector, Qwen2 LLM):
-    LLaVA's stack (blocks up to the feature layer, projector, decoder), its own compiled forward."""
+    LLaVA's stack (blocks up to the feature layer, projector, decoder) and checks, its own compiled forward."""
 
     name = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
+    title = "LLaVA-OneVision"
+    strategy = ("full", "SigLIP has no class token")
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, LlavaOnevisionForConditionalGeneration)
-
-    def check(self, model: nn.Module) -> None:
-        cfg = model.config
-        if not isinstance(cfg.vision_feature_layer, int):
-            raise CompileError("luvc's LLaVA-OneVision adapter reads one vision_feature_layer; this model "
-                               f"concatenates {cfg.vision_feature_layer}")
-        if cfg.vision_feature_select_strategy != "full":
-            raise CompileError("luvc's LLaVA-OneVision adapter supports vision_feature_select_strategy='full' "
-                               f"(SigLIP has no class token), not {cfg.vision_feature_select_strategy!r}")
-        check_attention(model.model.language_model.config)
-        check_attention(model.model.vision_tower.config)
 
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
         layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
