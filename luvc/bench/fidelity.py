@@ -160,12 +160,9 @@ def _accuracy(items: list[Item], answers: list[str]) -> dict[str, float]:
 
 
 def to_json(results: list[FidelityResult], settings: dict) -> dict:
-    rows = []
-    for r in results:
-        row = asdict(r)
-        row.pop("answers")
-        rows.append(row)
-    return {"settings": settings, "results": rows}
+    """The report: settings, then every schedule's scores and its answer to every item, in item order
+    (so any other agreement or per-item analysis needs no rerun)."""
+    return {"settings": settings, "results": [asdict(r) for r in results]}
 
 
 def markdown(results: list[FidelityResult], title: str) -> str:
