@@ -1,7 +1,7 @@
 """The fidelity model: a small Qwen2-VL trained by the project on the task suite, and its inputs.
 
-A real ``Qwen2VLForConditionalGeneration`` (7 px patches, 2 x 2 merger, M-RoPE),
-sized to train on a 2-core CPU: a 224 px image is 1024 patches in the vision
+A real ``Qwen2VLForConditionalGeneration`` (14 px patches, a 1 x 1 merger, M-RoPE),
+sized to train on a 2-core CPU: a 224 px image is 256 patches in the vision
 tower and 256 tokens in the language model. Its tokenizer is word-level over
 the suite's vocabulary.
 """
@@ -79,8 +79,8 @@ def load_tokenizer(path: str | Path = CHECKPOINT) -> PreTrainedTokenizerFast:
 
 
 def patchify(image: np.ndarray) -> torch.Tensor:
-    """[H, W, 3] uint8 -> [patches, 3 * 2 * 7 * 7] in the Qwen2-VL processor's layout
-    (CLIP-normalised, the frame repeated to a temporal patch, 2 x 2 merge units contiguous)."""
+    """[H, W, 3] uint8 -> [patches, 3 * 2 * PATCH * PATCH] in the Qwen2-VL processor's layout
+    (CLIP-normalised, the frame repeated to a temporal patch, merge units contiguous)."""
     h, w = image.shape[:2]
     x = (image.astype(np.float32) / 255.0 - MEAN) / STD
     x = np.broadcast_to(x.transpose(2, 0, 1)[None], (TEMPORAL, 3, h, w))
