@@ -1,0 +1,38 @@
+"""The vision-only learnability check runs at every read point and groups every region."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from luvc.fidelity.probe import GROUPS, READS, probe_accuracy, region_group
+from luvc.fidelity.tasks import REGIONS
+
+
+def test_every_group_has_regions_and_every_region_a_group():
+    assert {region_group(name) for name in REGIONS} == set(GROUPS)
+    assert region_group("digit 7") == "digit" and region_group("red circle left") == "relation"
+    assert region_group("red circle top left") == "shape" and region_group("bar red 3") == "bar"
+
+
+@pytest.mark.parametrize("read", READS)
+def test_probe_trains_and_reports_per_group_accuracy(read):
+    lines: list[str] = []
+    accuracy = probe_accuracy(steps=2, tasks=("color", "text"), read=read, batch=2, val_count=2, report_every=1,
+                              report=lines.append)
+    assert len(lines) == 2
+    assert accuracy["background"] is not None and 0 <= accuracy["background"] <= 1
+    assert accuracy["count"] is None, "no count item was drawn"
+
+
+def test_an_unknown_read_point_is_refused():
+    import typer
+
+    from luvc.fidelity.probe import main
+
+    app = typer.Typer()
+    app.command()(main)
+    result = CliRunner().invoke(app, ["--steps", "1", "--read", "logits"])
+    assert result.exit_code != 0 and "embedding, hidden, merger" in result.output
+    with pytest.raises(ValueError, match="unknown read point"):
+        probe_accuracy(steps=1, read="logits")
