@@ -181,32 +181,23 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
     spec = CONFIGS[name]
     text = dict(vocab_size=512, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     text.update(spec["text"])
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    vision = dict(spec["vision"])
+    if vision_layers is not None and spec["family"] not in ("qwen2_vl", "qwen2_5_vl"):
+        # LLaVA counts the blocks that run: its feature layer is the second-to-last
+        vision["num_hidden_layers"] = vision_layers + 1 if spec["family"] == "llava" else vision_layers
     if spec["family"] == "llava":
-        vision = dict(spec["vision"])
-        if layers is not None:
-            text["num_hidden_layers"] = layers
-        if vision_layers is not None:  # blocks that run: the feature layer is the second-to-last
-            vision["num_hidden_layers"] = vision_layers + 1
         return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
                            image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                            vision_feature_select_strategy="default",
                            image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
     if spec["family"] == "idefics3":
-        vision = dict(spec["vision"])
-        if layers is not None:
-            text["num_hidden_layers"] = layers
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
         config = Idefics3Config(vision_config=Idefics3VisionConfig(**vision), text_config=LlamaConfig(**text),
                                 image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=False)
         config.image_seq_length = (vision["image_size"] // vision["patch_size"] // 2) ** 2
         return config
     if spec["family"] == "gemma3":
-        vision = dict(spec["vision"])
-        if layers is not None:
-            text["num_hidden_layers"] = layers
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
         pattern = text.pop("sliding_window_pattern")
         text["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                                for i in range(text["num_hidden_layers"])]
@@ -216,30 +207,18 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
         config.image_seq_length = spec["tokens_per_image"]
         return config
     if spec["family"] == "llava_onevision":
-        vision = dict(spec["vision"])
-        if layers is not None:
-            text["num_hidden_layers"] = layers
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
         return LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
                                     image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
                                     image_grid_pinpoints=spec["pinpoints"], vision_feature_layer=-1,
                                     vision_feature_select_strategy="full", tie_word_embeddings=False)
     if spec["family"] == "internvl":
-        vision = dict(spec["vision"])
         side = vision["image_size"] // vision["patch_size"]
         vision.update(image_size=[vision["image_size"]] * 2, patch_size=[vision["patch_size"]] * 2)
-        if layers is not None:
-            text["num_hidden_layers"] = layers
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
         return InternVLConfig(vision_config=InternVLVisionConfig(**vision), text_config=Qwen2Config(**text),
                               image_token_id=IMAGE_TOKEN, image_seq_length=(side // 2) ** 2)
-    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **spec["vision"])
+    vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision)
     out_key = "out_hidden_size" if spec["family"] == "qwen2_5_vl" else "hidden_size"
     vision[out_key] = text["hidden_size"]
-    if layers is not None:
-        text["num_hidden_layers"] = layers
     if vision_layers is not None:
         vision["depth"] = vision_layers
         if "fullatt_block_indexes" in vision:
@@ -388,7 +367,7 @@ def _onevision_inputs(images, videos, prompts, config) -> dict:
     )
     from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-    from luvc.models.llava_onevision import pack_image
+    from luvc.models.llava_onevision import packed_length
 
     side = config.vision_config.image_size
     grid = side // config.vision_config.patch_size
@@ -408,8 +387,7 @@ def _onevision_inputs(images, videos, prompts, config) -> dict:
             for _ in sample:
                 size = next(sizes)
                 tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, side) if len(sample) == 1 else 1
-                count = len(pack_image(torch.empty(tiles, grid, grid, 1), size, config, torch.empty(1)))
-                row += [config.image_token_id] * count
+                row += [config.image_token_id] * packed_length(tiles, grid, size, config)
     clips = [video for sample in videos for video in sample]
     if clips:
         mean, std = (torch.tensor(v)[:, None, None] for v in ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))

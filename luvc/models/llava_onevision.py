@@ -63,6 +63,12 @@ def pack_image(tiles: Tensor, image_size, config, newline: Tensor | None) -> Ten
     return torch.cat([base, grid.flatten(1, 2).T])
 
 
+def packed_length(tiles: int, side: int, image_size, config) -> int:
+    """How many LLM tokens ``pack_image`` makes of ``tiles`` tiles of ``side x side`` tokens: the
+    placeholders the processor writes for an image when ``side`` is the unmerged grid."""
+    return len(pack_image(torch.empty(tiles, side, side, 1), image_size, config, torch.empty(1)))
+
+
 def pool_frame(frame: Tensor) -> Tensor:
     """A video frame's tokens ``[h, w, D]`` pooled bilinearly to ``ceil(h/2) x ceil(w/2)``, flattened."""
     h, w = frame.shape[:2]
@@ -107,8 +113,7 @@ class CompiledLlavaOnevisionModel(CompiledLlavaModel):
         (_, h, w), dim = state.grids[0], state.hidden.shape[-1]
         tiles = torch.split(state.hidden.view(-1, h, w, dim), counts)
         features = [pack_image(t, size, config, self.image_newline) for t, size in zip(tiles, image_sizes)]
-        full = [len(pack_image(torch.empty(n, side, side, 1), size, config, torch.empty(1)))
-                for n, size in zip(counts, image_sizes)]
+        full = [packed_length(n, side, size, config) for n, size in zip(counts, image_sizes)]
         return vision_output(state, full, features)
 
     def get_video_features(self, pixel_values_videos: Tensor, vision_feature_layer=None,
