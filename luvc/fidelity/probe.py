@@ -33,7 +33,7 @@ def region_group(name: str) -> str:
     words = name.split()
     if words[0] in ("background", "digit", "bar", "count"):
         return words[0]
-    return "relation" if len(words) == 3 else "shape"  # "red circle left" / "red circle top left"
+    return "relation" if len(words) == 3 else "shape"  # "red circle left" / "red circle"
 
 
 def probe_accuracy(steps: int = 300, tasks: tuple[str, ...] = TASKS, read: str = "merger", batch: int = 12,

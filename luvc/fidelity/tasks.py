@@ -3,18 +3,25 @@
 Five tasks stress what real VLM benchmarks stress, each answered by one word
 scored by exact match:
 
-* ``text``: read the handwritten digit on a small label somewhere in the image
-  (DocVQA / TextVQA-like: a small region decides the answer);
-* ``chart``: read one bar's value off a bar chart with grid lines (ChartQA-like);
-* ``count``: count the shapes (one kind and size per image) scattered over the photo;
-* ``color``: name the colour of the shape in a given panel of a four-panel figure;
+* ``text``: read the printed digit on a small label somewhere in the image
+  (DocVQA / TextVQA-like: one visual token in 256 decides the answer);
+* ``chart``: read one bar's value off a bar chart with data labels (ChartQA-like);
+* ``count``: count the shapes (one kind and colour per image) scattered over the photo;
+* ``color``: name the colour of the circle, square or triangle among three shapes;
 * ``spatial``: say where one shape is relative to another.
 
-Photographs come from scikit-image's bundled images, digits from
-scikit-learn's bundled digits. Splits never share a photograph or a digit
-glyph; chart value tuples are assigned to splits by hash; every other overlay
-is drawn from a continuous layout, so items of different splits never
-coincide. Generation is a pure function of ``(split, index)``.
+Photographs come from scikit-image's bundled images, glyphs from Pillow's
+bundled font. Splits never share a photograph; discrete overlays (a digit
+label's glyph, size and cell; a chart's values) are assigned to splits by
+hash; every other overlay is drawn from a continuous layout, so items of
+different splits never coincide. Generation is a pure function of
+``(split, index)``.
+
+What answers a question is drawn dark on neutral grey (``LABEL``, about the
+CLIP normalisation mean, so the label itself embeds near zero and the ink
+is most of its token) or in saturated colour: a small deviation from a large
+common component would be a small angle after the per-token normalisations of
+the merger and the language model.
 
 Each item also has a region map naming what every pixel shows in the words
 of the question it answers (``REGIONS``), which training uses to supervise
@@ -30,7 +37,11 @@ from functools import cache
 
 import numpy as np
 
-SIZE = 224  # pixels per side: 32 x 32 patches of 7 px -> 256 LLM tokens after the 2 x 2 merger
+SIZE = 224  # pixels per side: 16 x 16 patches of 14 px -> 256 LLM tokens
+CELL = 14  # one patch: labels and bars are aligned to the patch grid
+CELLS = SIZE // CELL
+LABEL, INK = 118, 0  # grey levels of labels and chart backgrounds, and of printed text
+MAX_COUNT = 4
 TASKS = ("text", "chart", "count", "color", "spatial")
 SPLITS = ("train", "val", "test")
 
@@ -43,9 +54,8 @@ COLORS = {
     "orange": (250, 135, 10),
 }
 SHAPES = ("circle", "square", "triangle")
-QUADRANTS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
-PANELS = {v: k for k, v in QUADRANTS.items()}
 RELATIONS = ("left", "right", "above", "below")
+BAR_COLORS = ("red", "green", "blue", "yellow")
 
 # Photographs per split (scikit-image's bundled images; none is shared).
 PHOTOS = {
@@ -54,10 +64,6 @@ PHOTOS = {
     "val": ("chelsea", "brick"),
     "test": ("coffee", "rocket", "grass"),
 }
-# scikit-learn's 1797 digit glyphs, by index range.
-GLYPHS = {"test": range(0, 300), "val": range(300, 500), "train": range(500, 1797)}
-
-
 @dataclass(frozen=True)
 class Item:
     """One question about one image."""
@@ -85,7 +91,7 @@ def _question_templates() -> list[str]:
         "what digit is on the label ?",
         "what is the value of the bar ?",
         "how many shapes are there ?",
-        "what colour is the shape in the top bottom left right ?",
+        "what colour is the ?",
         "where is the relative to the ?",
     ]
 
@@ -93,9 +99,9 @@ def _question_templates() -> list[str]:
 def _regions() -> tuple[str, ...]:
     names = ["background"]
     names += [f"digit {d}" for d in range(10)]
-    names += [f"bar {c} {v}" for c in ("red", "green", "blue", "yellow") for v in range(1, 10)]
-    names += [f"count {n}" for n in range(1, 7)]
-    names += [f"{c} {s} {q}" for c in COLORS for s in SHAPES for q in QUADRANTS]
+    names += [f"bar {c} {v}" for c in BAR_COLORS for v in range(1, 10)]
+    names += [f"count {n}" for n in range(1, MAX_COUNT + 1)]
+    names += [f"{c} {s}" for c in COLORS for s in SHAPES]
     names += [f"{c} {s} {r}" for c in COLORS for s in SHAPES for r in RELATIONS]
     return tuple(names)
 
@@ -108,23 +114,27 @@ _REGION = {name: i for i, name in enumerate(REGIONS)}
 PHOTO = 0.45  # weight of the photograph in a background (the rest is flat grey)
 
 
-def make_item(split: str, index: int, task: str | None = None, photo: float = PHOTO) -> Item:
+def make_item(split: str, index: int, task: str | None = None, photo: float = PHOTO, tiles: int = 1) -> Item:
     """The ``index``-th item of ``split``; tasks cycle unless ``task`` is given.
 
-    ``photo`` is the photograph's weight in the background; only training
-    lowers it, as a curriculum (a flat background first, then the photo fades in).
+    Only training changes the last two, as a curriculum: ``photo`` is the
+    photograph's weight in the background (a flat background first, then the
+    photo fades in); ``tiles`` prints a text label as a ``tiles x tiles`` block
+    of identical cells, so a model learning from scratch first meets the answer
+    on many tokens, not one in 256.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
     task = task or TASKS[index % len(TASKS)]
     seed = zlib.crc32(f"{split}/{task}/{index}".encode())
     rng = np.random.default_rng(seed)
-    return _RENDERERS[task](split, rng, photo)
+    return _RENDERERS[task](split, rng, photo, tiles)
 
 
-def items(split: str, count: int, tasks: tuple[str, ...] = TASKS, start: int = 0, photo: float = PHOTO) -> list[Item]:
+def items(split: str, count: int, tasks: tuple[str, ...] = TASKS, start: int = 0, photo: float = PHOTO,
+          tiles: int = 1) -> list[Item]:
     """``count`` items of ``split``, the tasks interleaved, numbered from ``start``."""
-    return [make_item(split, start + i, tasks[i % len(tasks)], photo) for i in range(count)]
+    return [make_item(split, start + i, tasks[i % len(tasks)], photo, tiles) for i in range(count)]
 
 
 # --- backgrounds ---------------------------------------------------------------------------------
@@ -195,58 +205,61 @@ def _place(rng: np.random.Generator, n: int, r: float, box=(0, 0, SIZE, SIZE), g
 
 
 @cache
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+def _printed(text: str, size: int, stroke: int) -> np.ndarray:
+    """``text`` printed in INK, centred on a CELL x CELL patch of LABEL grey (Pillow's bundled font)."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    d = load_digits()
-    return d.images.astype(np.float32) / 16.0, d.target
+    cell = Image.new("L", (CELL, CELL), LABEL)
+    ImageDraw.Draw(cell).text((CELL / 2, CELL / 2), text, font=ImageFont.load_default(size=size), fill=INK,
+                              anchor="mm", stroke_width=stroke, stroke_fill=INK)
+    return np.asarray(cell)
 
 
 # --- tasks ---------------------------------------------------------------------------------------
 
-def _text(split: str, rng: np.random.Generator, photo: float) -> Item:
+def _text(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     image = _background(split, rng, photo)
-    glyphs, labels = _digits()
-    g = int(rng.choice(GLYPHS[split]))
-    scale = int(rng.integers(5, 7))  # 40 or 48 px tall: about 3 x 3 patches
-    glyph = np.kron(glyphs[g], np.ones((scale, scale), dtype=np.float32))
-    pad = 4
-    side = glyph.shape[0] + 2 * pad
-    y, x = rng.integers(0, SIZE - side + 1, 2)
-    label = np.full((side, side, 3), 245, dtype=np.float32)
-    label[pad:pad + glyph.shape[0], pad:pad + glyph.shape[1]] *= (1 - glyph[..., None] * 0.9)
-    image[y:y + side, x:x + side] = label.astype(np.uint8)
+    while True:  # a printed digit filling one patch-aligned cell of a grey label; the overlay belongs to one split
+        digit, size, stroke = int(rng.integers(10)), int(rng.integers(12, 15)), int(rng.integers(2))
+        row, col = (int(v) for v in rng.integers(0, CELLS - tiles + 1, 2))
+        key = f"text{digit}/{size}/{stroke}/{row}/{col}"
+        if _split_of_key(key) == split:
+            break
+    y, x, side = row * CELL, col * CELL, tiles * CELL
+    image[y:y + side, x:x + side] = np.tile(_printed(str(digit), size, stroke), (tiles, tiles))[..., None]
     regions = _blank()
-    regions[y:y + side, x:x + side] = _REGION[f"digit {int(labels[g])}"]
-    return Item("text", image, "what digit is on the label ?", str(int(labels[g])), f"glyph{g}", regions=regions)
+    regions[y:y + side, x:x + side] = _REGION[f"digit {digit}"]
+    return Item("text", image, "what digit is on the label ?", str(digit), key, regions=regions)
 
 
-def _chart(split: str, rng: np.random.Generator, photo: float) -> Item:
+def _chart(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     while True:
         values = tuple(int(v) for v in rng.integers(1, 10, 4))
         if _split_of_key(str(values)) == split:
             break
-    colors = [str(c) for c in rng.permutation(["red", "green", "blue", "yellow"])]
-    image = np.full((SIZE, SIZE, 3), 250, dtype=np.uint8)
-    base, unit = 206, 21
-    for v in range(10):
-        image[base - v * unit, 16:212] = (200, 200, 200) if v else (0, 0, 0)
-    image[base - 9 * unit:base + 1, 16] = 0
+    colors = [str(c) for c in rng.permutation(BAR_COLORS)]
+    image = np.full((SIZE, SIZE, 3), LABEL, dtype=np.uint8)
     regions = _blank()
+    base = (CELLS - 1) * CELL  # the x axis; bars stand on it, one cell wide, one cell per unit
+    image[base:base + 2, CELL // 2:SIZE - CELL // 2] = INK
+    image[CELL:base + 2, CELL // 2:CELL // 2 + 2] = INK
+    first, gap = int(rng.integers(2, 4)), int(rng.integers(3, 5))
     for i, (value, color) in enumerate(zip(values, colors)):
-        x0 = 28 + i * 46
-        image[base - value * unit:base, x0:x0 + 30] = COLORS[color]
-        regions[base - value * unit:base, x0:x0 + 30] = _REGION[f"bar {color} {value}"]
+        x = (first + i * gap) * CELL
+        top = base - value * CELL
+        image[top:base, x:x + CELL] = COLORS[color]
+        image[top - CELL:top, x:x + CELL] = _printed(str(value), 13, 0)[..., None]  # the bar's data label
+        regions[top - CELL:base, x:x + CELL] = _REGION[f"bar {color} {value}"]
     asked = int(rng.integers(4))
     pairs = [(f"what is the value of the {c} bar ?", str(v)) for c, v in zip(colors, values)]
     question, answer = pairs.pop(asked)
-    return Item("chart", image, question, answer, f"chart{values}{colors}", tuple(pairs), regions)
+    return Item("chart", image, question, answer, f"chart{values}{colors}{first}/{gap}", tuple(pairs), regions)
 
 
-def _count(split: str, rng: np.random.Generator, photo: float) -> Item:
+def _count(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     image = _background(split, rng, photo)
-    n = int(rng.integers(1, 7))
-    r = 14.0
+    n = int(rng.integers(1, MAX_COUNT + 1))
+    r = float(rng.uniform(15, 19))
     color, kind = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
     pts = _place(rng, n, r)
     regions = _blank()
@@ -256,25 +269,21 @@ def _count(split: str, rng: np.random.Generator, photo: float) -> Item:
                 regions=regions)
 
 
-def _color(split: str, rng: np.random.Generator, photo: float) -> Item:
+def _color(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     image = _background(split, rng, photo)
-    colors = [str(c) for c in rng.choice(list(COLORS), 4, replace=False)]
-    half = SIZE // 2
-    image[half - 1:half + 1] = 0  # a four-panel figure: the panels are what "top left" names
-    image[:, half - 1:half + 1] = 0
-    centres, regions = [], _blank()
-    for (qy, qx), color in zip(QUADRANTS.values(), colors):
-        r = float(rng.uniform(18, 26))
-        (cy, cx), = _place(rng, 1, r, (qy * half + 2, qx * half + 2, (qy + 1) * half - 2, (qx + 1) * half - 2))
-        kind = str(rng.choice(SHAPES))
-        _draw(image, regions, f"{color} {kind} {PANELS[qy, qx]}", kind, color, cy, cx, r)
-        centres.append((round(cy, 1), round(cx, 1)))
-    name, answer = list(zip(QUADRANTS, colors))[int(rng.integers(4))]
-    return Item("color", image, f"what colour is the shape in the {name} ?", answer, f"color{centres}",
-                regions=regions)
+    kinds = [str(k) for k in rng.permutation(SHAPES)]
+    colors = [str(c) for c in rng.choice(list(COLORS), len(kinds), replace=False)]
+    r = float(rng.uniform(18, 24))
+    pts = _place(rng, len(kinds), r, gap=12.0)
+    regions = _blank()
+    for kind, color, (cy, cx) in zip(kinds, colors, pts):
+        _draw(image, regions, f"{color} {kind}", kind, color, cy, cx, r)
+    pairs = [(f"what colour is the {k} ?", c) for k, c in zip(kinds, colors)]
+    question, answer = pairs.pop(int(rng.integers(len(pairs))))
+    return Item("color", image, question, answer, f"color{pts.round(1).tolist()}", tuple(pairs), regions)
 
 
-def _spatial(split: str, rng: np.random.Generator, photo: float) -> Item:
+def _spatial(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     image = _background(split, rng, photo)
     a, b = (str(s) for s in rng.choice(SHAPES, 2, replace=False))
     ca, cb = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))

@@ -7,7 +7,7 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from luvc.fidelity.model import MERGE, PATCH, build_tokenizer, encode, fidelity_config, patchify
-from luvc.fidelity.tasks import GLYPHS, PHOTOS, SIZE, TASKS, items, make_item, vocabulary
+from luvc.fidelity.tasks import CELL, PHOTOS, SIZE, TASKS, items, make_item, vocabulary
 
 
 def test_items_are_a_pure_function_of_split_and_index():
@@ -16,9 +16,8 @@ def test_items_are_a_pure_function_of_split_and_index():
     assert not np.array_equal(make_item("test", 8).image, a.image)
 
 
-def test_splits_share_no_photograph_glyph_or_overlay():
+def test_splits_share_no_photograph_or_overlay():
     assert not set(PHOTOS["train"]) & set(PHOTOS["test"]) and not set(PHOTOS["val"]) & set(PHOTOS["test"])
-    assert not set(GLYPHS["train"]) & set(GLYPHS["test"])
     keys = {split: {item.key for item in items(split, 250 if split != "train" else 1000)}
             for split in ("train", "val", "test")}
     assert not keys["train"] & keys["test"] and not keys["val"] & keys["test"] and not keys["train"] & keys["val"]
@@ -81,3 +80,20 @@ def test_region_maps_name_what_answers_each_question():
         assert any(item.answer in name.split() for name in names), (item.task, item.answer, names)
         patches = patch_regions(item)
         assert len(patches) == (SIZE // 14) ** 2 and patches.max() > 0, "some patch is labelled"
+
+
+def test_a_text_label_is_one_patch_and_the_curriculum_tiles_it():
+    """The digit fills one patch-aligned cell (one visual token); training's early items repeat it over
+    a block of cells, the block's region marked with the digit."""
+    from luvc.fidelity.tasks import REGIONS
+
+    for tiles in (1, 4):
+        item = make_item("train", 3, "text", tiles=tiles)
+        ys, xs = np.nonzero(item.regions)
+        assert ys.min() % CELL == 0 and xs.min() % CELL == 0
+        assert ys.max() - ys.min() + 1 == xs.max() - xs.min() + 1 == tiles * CELL
+        assert REGIONS[item.regions[ys[0], xs[0]]] == f"digit {item.answer}"
+        cell = item.image[ys.min():ys.min() + CELL, xs.min():xs.min() + CELL]
+        assert cell.min() < 60 and np.median(cell) > 100, "dark ink on a grey label"
+        block = item.image[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        assert np.array_equal(block, np.tile(cell, (tiles, tiles, 1)))
