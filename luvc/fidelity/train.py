@@ -65,17 +65,19 @@ def answer_accuracy(model, tokenizer, batch_items, batch_size: int = 50) -> dict
 
 
 def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is written to"),
-          steps: int = typer.Option(950, help="optimizer steps"),
-          batch: int = typer.Option(24, help="items (images) per step"),
+          steps: int = typer.Option(4000, help="optimizer steps"),
+          batch: int = typer.Option(15, help="items (images) per step"),
           lr: float = typer.Option(2e-3, help="peak learning rate (AdamW, cosine decay)"),
           warmup: int = typer.Option(30, help="linear warm-up steps"),
           seed: int = typer.Option(0, help="initialisation seed"),
           threads: int = typer.Option(2, help="CPU threads"),
-          eval_every: int = typer.Option(100, help="steps between validation runs (and checkpoint saves)"),
+          eval_every: int = typer.Option(250, help="steps between validation runs (and checkpoint saves)"),
           small_steps: int = typer.Option(0, help="curriculum: first steps at --small-size px (fewer visual tokens)"),
           small_size: int = typer.Option(112, help="image side during the first --small-steps steps"),
-          flat_steps: int = typer.Option(150, help="curriculum: steps on flat grey backgrounds"),
-          fade_steps: int = typer.Option(300, help="curriculum: steps over which the photographs fade in"),
+          flat_steps: int = typer.Option(100, help="curriculum: steps on flat grey backgrounds"),
+          fade_steps: int = typer.Option(200, help="curriculum: steps over which the photographs fade in"),
+          label_tiles: str = typer.Option("4:500,2:900", help="curriculum: TILES:UNTIL_STEP,... text labels printed "
+                                          "as TILES x TILES blocks before UNTIL_STEP, single cells after"),
           region_weight: float = typer.Option(1.0, help="weight of the per-visual-token region loss"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
@@ -84,7 +86,9 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     visual tokens make it easier to learn where to look); overlays on flat
     backgrounds first (the model learns to read the image before it learns to
     ignore clutter), then the photographs fade in to the weight every
-    evaluation uses.
+    evaluation uses; text labels first printed over blocks of cells, then on
+    the single cell every evaluation uses (from scratch, an answer on one
+    token of 256 stays at chance: nothing tells the model where to look).
 
     Besides the answers, every visual token leaving the vision tower is
     supervised with what its patch shows (``tasks.REGIONS``: a digit, a bar
@@ -119,12 +123,15 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     if unknown:
         raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}",
                                  param_hint="--tasks")
+    schedule = sorted((int(until), int(tiles)) for tiles, until in
+                      (part.split(":") for part in label_tiles.split(",") if part.strip()))
     val = items("val", 250, tasks=chosen)
     log = (out / "training_log.jsonl").open("w")
     started = time.time()
     for step in range(steps):
         photo = PHOTO * min(1.0, max(0.0, (step - flat_steps) / max(1, fade_steps)))
-        batch_items = items("train", batch, tasks=chosen, start=step * batch, photo=photo)
+        tiles = next((t for until, t in schedule if step < until), 1)
+        batch_items = items("train", batch, tasks=chosen, start=step * batch, photo=photo, tiles=tiles)
         if step < small_steps:
             batch_items = [shrink(item, small_size) for item in batch_items]
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
@@ -139,7 +146,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": round(answer_loss.item(), 4), "region_loss": round(region_loss.item(), 4),
-               "photo": round(photo, 3),
+               "photo": round(photo, 3), "tiles": tiles,
                "minutes": round((time.time() - started) / 60, 2)}
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             row["val"] = {k: round(v, 3) for k, v in answer_accuracy(model, tokenizer, val).items()}
