@@ -23,6 +23,12 @@ is most of its token) or in saturated colour: a small deviation from a large
 common component would be a small angle after the per-token normalisations of
 the merger and the language model.
 
+What names the answer sits in the same visual token as the answer wherever
+the task allows: a bar's colour reaches into its data label's patch, and a
+shape fills a patch-aligned 2 x 2 box so each of its patches shows part of
+its outline (its kind) and its colour. Counting and spatial relations stay
+relations between tokens, as in real benchmarks.
+
 Each item also has a region map naming what every pixel shows in the words
 of the question it answers (``REGIONS``), which training uses to supervise
 every visual token, not only the answer.
@@ -42,6 +48,7 @@ CELL = 14  # one patch: labels and bars are aligned to the patch grid
 CELLS = SIZE // CELL
 LABEL, INK = 118, 0  # grey levels of labels and chart backgrounds, and of printed text
 MAX_COUNT = 4
+BAR_IN_LABEL = 3  # rows of a bar's colour at the bottom of its data label's cell
 TASKS = ("text", "chart", "count", "color", "spatial")
 SPLITS = ("train", "val", "test")
 
@@ -175,16 +182,19 @@ def _shape_mask(kind: str, cy: float, cx: float, r: float) -> np.ndarray:
     if kind == "square":
         return (np.abs(_YY - cy) <= r * 0.85) & (np.abs(_XX - cx) <= r * 0.85)
     # upward triangle inscribed in the circle of radius r
-    top, bottom = cy - r, cy + r * 0.6
-    half = (_YY - top) / (bottom - top) * r * 1.1
+    top, bottom = cy - r, cy + r * 0.9
+    half = (_YY - top) / (bottom - top) * r * 1.05
     return (_YY >= top) & (_YY <= bottom) & (np.abs(_XX - cx) <= half)
 
 
-def _draw(image: np.ndarray, regions: np.ndarray, region: str, kind: str, color: str,
-          cy: float, cx: float, r: float) -> None:
+def _draw(image: np.ndarray, regions: np.ndarray, region: str, kind: str, color: str, cell: tuple[int, int]) -> None:
+    """A shape filling the 2 x 2 patch box whose top-left patch is ``cell`` (row, column): every
+    patch it covers shows part of its outline, so each of its visual tokens shows its kind."""
+    cy, cx = (cell[0] + 1) * CELL, (cell[1] + 1) * CELL
+    r = CELL - 3
     mask = _shape_mask(kind, cy, cx, r)
     edge = _shape_mask(kind, cy, cx, r + 2) & ~mask
-    image[edge] = 0
+    image[edge] = INK
     image[mask] = COLORS[color]
     regions[mask | edge] = _REGION[region]
 
@@ -193,24 +203,21 @@ def _blank() -> np.ndarray:
     return np.zeros((SIZE, SIZE), dtype=np.uint8)
 
 
-def _place(rng: np.random.Generator, n: int, r: float, box=(0, 0, SIZE, SIZE), gap: float = 6.0):
-    """``n`` centres inside ``box`` (y0, x0, y1, x1) at least ``2r + gap`` apart."""
-    y0, x0, y1, x1 = box
-    for _ in range(200):
-        pts = np.stack([rng.uniform(y0 + r + 3, y1 - r - 3, n), rng.uniform(x0 + r + 3, x1 - r - 3, n)], 1)
-        d = np.linalg.norm(pts[:, None] - pts[None], axis=-1) + np.eye(n) * 1e9
-        if d.min() >= 2 * r + gap:
-            return pts
-    raise RuntimeError("could not place shapes")  # unreachable for the sizes used here
+def _cells(rng: np.random.Generator, n: int) -> list[tuple[int, int]]:
+    """``n`` top-left patches of 2 x 2 shape boxes, at least one patch of background between boxes."""
+    while True:
+        cells = [tuple(int(v) for v in rng.integers(0, CELLS - 1, 2)) for _ in range(n)]
+        if all(max(abs(p[0] - q[0]), abs(p[1] - q[1])) >= 3 for i, p in enumerate(cells) for q in cells[:i]):
+            return cells
 
 
 @cache
-def _printed(text: str, size: int, stroke: int) -> np.ndarray:
-    """``text`` printed in INK, centred on a CELL x CELL patch of LABEL grey (Pillow's bundled font)."""
+def _printed(text: str, size: int, stroke: int, y: float = CELL / 2) -> np.ndarray:
+    """``text`` printed in INK, centred at row ``y`` of a CELL x CELL patch of LABEL grey (Pillow's font)."""
     from PIL import Image, ImageDraw, ImageFont
 
     cell = Image.new("L", (CELL, CELL), LABEL)
-    ImageDraw.Draw(cell).text((CELL / 2, CELL / 2), text, font=ImageFont.load_default(size=size), fill=INK,
+    ImageDraw.Draw(cell).text((CELL / 2, y), text, font=ImageFont.load_default(size=size), fill=INK,
                               anchor="mm", stroke_width=stroke, stroke_fill=INK)
     return np.asarray(cell)
 
@@ -244,65 +251,70 @@ def _chart(split: str, rng: np.random.Generator, photo: float, tiles: int) -> It
     image[base:base + 2, CELL // 2:SIZE - CELL // 2] = INK
     image[CELL:base + 2, CELL // 2:CELL // 2 + 2] = INK
     first, gap = int(rng.integers(2, 4)), int(rng.integers(3, 5))
+    size = int(rng.integers(11, 13))
     for i, (value, color) in enumerate(zip(values, colors)):
         x = (first + i * gap) * CELL
         top = base - value * CELL
-        image[top:base, x:x + CELL] = COLORS[color]
-        image[top - CELL:top, x:x + CELL] = _printed(str(value), 13, 0)[..., None]  # the bar's data label
+        # The data label sits on its bar: the bar's top rows reach into the label's cell, so one
+        # visual token shows both the value and the colour that names the bar.
+        image[top - CELL:top, x:x + CELL] = _printed(str(value), size, 0, y=(CELL - BAR_IN_LABEL) / 2)[..., None]
+        image[top - BAR_IN_LABEL:base, x:x + CELL] = COLORS[color]
         regions[top - CELL:base, x:x + CELL] = _REGION[f"bar {color} {value}"]
     asked = int(rng.integers(4))
     pairs = [(f"what is the value of the {c} bar ?", str(v)) for c, v in zip(colors, values)]
     question, answer = pairs.pop(asked)
-    return Item("chart", image, question, answer, f"chart{values}{colors}{first}/{gap}", tuple(pairs), regions)
+    return Item("chart", image, question, answer, f"chart{values}{colors}{first}/{gap}/{size}", tuple(pairs), regions)
 
 
 def _count(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     image = _background(split, rng, photo)
-    n = int(rng.integers(1, MAX_COUNT + 1))
-    r = float(rng.uniform(15, 19))
-    color, kind = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
-    pts = _place(rng, n, r)
+    while True:
+        n = int(rng.integers(1, MAX_COUNT + 1))
+        color, kind = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+        cells = _cells(rng, n)
+        key = f"count{sorted(cells)}{color}{kind}"
+        if _split_of_key(key) == split:
+            break
     regions = _blank()
-    for cy, cx in pts:
-        _draw(image, regions, f"count {n}", kind, color, cy, cx, r)
-    return Item("count", image, "how many shapes are there ?", str(n), f"count{pts.round(1).tolist()}",
-                regions=regions)
+    for cell in cells:
+        _draw(image, regions, f"count {n}", kind, color, cell)
+    return Item("count", image, "how many shapes are there ?", str(n), key, regions=regions)
 
 
 def _color(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     image = _background(split, rng, photo)
-    kinds = [str(k) for k in rng.permutation(SHAPES)]
-    colors = [str(c) for c in rng.choice(list(COLORS), len(kinds), replace=False)]
-    r = float(rng.uniform(18, 24))
-    pts = _place(rng, len(kinds), r, gap=12.0)
+    while True:
+        kinds = [str(k) for k in rng.permutation(SHAPES)]
+        colors = [str(c) for c in rng.choice(list(COLORS), len(kinds), replace=False)]
+        cells = _cells(rng, len(kinds))
+        key = f"color{cells}{kinds}{colors}"
+        if _split_of_key(key) == split:
+            break
     regions = _blank()
-    for kind, color, (cy, cx) in zip(kinds, colors, pts):
-        _draw(image, regions, f"{color} {kind}", kind, color, cy, cx, r)
+    for kind, color, cell in zip(kinds, colors, cells):
+        _draw(image, regions, f"{color} {kind}", kind, color, cell)
     pairs = [(f"what colour is the {k} ?", c) for k, c in zip(kinds, colors)]
     question, answer = pairs.pop(int(rng.integers(len(pairs))))
-    return Item("color", image, question, answer, f"color{pts.round(1).tolist()}", tuple(pairs), regions)
+    return Item("color", image, question, answer, key, tuple(pairs), regions)
 
 
 def _spatial(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
     image = _background(split, rng, photo)
-    a, b = (str(s) for s in rng.choice(SHAPES, 2, replace=False))
-    ca, cb = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
-    relation = str(rng.choice(RELATIONS))
-    r = float(rng.uniform(16, 22))
     while True:
-        pa = rng.uniform(r + 4, SIZE - r - 4, 2)
-        pb = rng.uniform(r + 4, SIZE - r - 4, 2)
-        dy, dx = pa - pb
-        along, across = (dx, dy) if relation in ("left", "right") else (dy, dx)
+        a, b = (str(s) for s in rng.choice(SHAPES, 2, replace=False))
+        ca, cb = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
+        relation = str(rng.choice(RELATIONS))
+        (ya, xa), (yb, xb) = _cells(rng, 2)
+        along, across = (xa - xb, ya - yb) if relation in ("left", "right") else (ya - yb, xa - xb)
         sign = -1 if relation in ("left", "above") else 1
-        if sign * along >= 2 * r + 20 and abs(across) <= 0.5 * abs(along):
+        key = f"spatial{a}{ca}{ya},{xa}/{b}{cb}{yb},{xb}"
+        if sign * along >= 4 and 2 * abs(across) <= abs(along) and _split_of_key(key) == split:
             break
     opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[relation]
     regions = _blank()
-    _draw(image, regions, f"{ca} {a} {relation}", a, ca, *pa, r)
-    _draw(image, regions, f"{cb} {b} {opposite}", b, cb, *pb, r)
-    return Item("spatial", image, f"where is the {a} relative to the {b} ?", relation,
-                f"spatial{pa.round(1).tolist()}{pb.round(1).tolist()}",
+    _draw(image, regions, f"{ca} {a} {relation}", a, ca, (ya, xa))
+    _draw(image, regions, f"{cb} {b} {opposite}", b, cb, (yb, xb))
+    return Item("spatial", image, f"where is the {a} relative to the {b} ?", relation, key,
                 ((f"where is the {b} relative to the {a} ?", opposite),), regions)
 
 

@@ -97,3 +97,27 @@ def test_a_text_label_is_one_patch_and_the_curriculum_tiles_it():
         assert cell.min() < 60 and np.median(cell) > 100, "dark ink on a grey label"
         block = item.image[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
         assert np.array_equal(block, np.tile(cell, (tiles, tiles, 1)))
+
+
+@pytest.mark.parametrize("task", ["count", "color", "spatial"])
+def test_shapes_fill_patch_aligned_two_by_two_boxes(task):
+    """Each shape covers exactly a 2 x 2 block of patches, so every one of its tokens shows part of its outline."""
+    for item in items("val", 10, (task,)):
+        for region in set(np.unique(item.regions)) - {0}:
+            ys, xs = np.nonzero(item.regions == region)
+            rows, cols = set(ys // CELL), set(xs // CELL)
+            assert len(rows) == 2 and len(cols) == 2 or task == "count", (task, rows, cols)
+            assert (item.image[ys, xs] == 0).all(axis=-1).any(), "a dark outline"
+
+
+def test_a_chart_data_label_shows_its_value_and_its_bar_colour_in_one_patch():
+    from luvc.fidelity.tasks import COLORS, REGIONS
+
+    item = make_item("val", 1, "chart")
+    for region in set(np.unique(item.regions)) - {0}:
+        _, color, value = REGIONS[region].split()
+        ys, xs = np.nonzero(item.regions == region)
+        assert (ys.max() + 1 - ys.min()) // CELL == int(value) + 1 and len(set(xs // CELL)) == 1
+        label = item.image[ys.min():ys.min() + CELL, xs.min():xs.min() + CELL]
+        assert (label.mean(-1) < 60).sum() > 5, "the value is printed in the label's patch"
+        assert (label == COLORS[color]).all(axis=-1).sum() >= CELL, "the bar's colour reaches into it"
