@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 from luvc.fidelity.tasks import SIZE, Item, vocabulary
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
+SHIPPED = "luvc/fidelity/checkpoint (shipped)"  # how reports name CHECKPOINT, wherever luvc is installed
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<image>", "<video>", "<vision_start>", "<vision_end>")
 PATCH, MERGE, TEMPORAL = 14, 1, 2
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
@@ -38,11 +39,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def fidelity_config() -> Qwen2VLConfig:
     """The architecture the shipped checkpoint was trained with."""
     tokens = len(SPECIAL) + len(vocabulary())
-    # rope_theta 10: with 32-dim heads, M-RoPE's width band gets the lowest frequencies, which at
-    # theta 100 turn less than 1.2 rad across 16 columns; left and right would look alike.
+    # rope_theta 1e4: with 32-dim heads, M-RoPE's height and width bands then turn slowly across the
+    # image, as in the released models (1e6, 128-dim heads), so a question can find a visual token by
+    # its content wherever it is. At theta 10 every band turned over a row of 16 patches and lookups by
+    # content stayed near chance for 750 steps; where things are is the vision tower's to encode.
     text = dict(vocab_size=(tokens + 7) // 8 * 8, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 7, 7], "rope_theta": 10.0},
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 7, 7], "rope_theta": 10000.0},
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
     vision = dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2, hidden_size=128, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
