@@ -202,6 +202,7 @@ def bench_fidelity(
     dataset: Path | None = typer.Option(None, help="folder with items.jsonl and its images (default: the held-out "
                                         "split of luvc's task suite)"),
     count: int = typer.Option(500, help="items evaluated (the first COUNT)"),
+    split: str = typer.Option("test", help="the task suite's split: test (held out) or val (for tuning schedules)"),
     schedule: list[str] = typer.Option([], help="schedule to score (repeatable; preset name or YAML file); default: "
                                        "identity, luvc-default and every method at every matched budget"),
     batch_size: int = typer.Option(50, help="items per generate call"),
@@ -215,7 +216,7 @@ def bench_fidelity(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from luvc.bench import fidelity as fid
-    from luvc.fidelity.model import CHECKPOINT, load_model, load_tokenizer
+    from luvc.fidelity.model import CHECKPOINT, SHIPPED, load_model, load_tokenizer
     from luvc.schedules import load_schedule
 
     if threads:
@@ -223,7 +224,10 @@ def bench_fidelity(
     source = checkpoint or CHECKPOINT
     try:
         model, tokenizer = load_model(source), load_tokenizer(source)
-        items = fid.load_items(dataset, count)
+        if split not in ("test", "val"):
+            raise ValueError(f"--split {split!r}: choose test (held out) or val (tuning); train items "
+                             "are what the model learned from")
+        items = fid.load_items(dataset, count, split)
         if schedule:
             named = [load_schedule(s) for s in (["identity"] + [s for s in schedule if s != "identity"])]
             chosen = [(*fid.method_and_budget(s.name), s) for s in named]
@@ -238,10 +242,12 @@ def bench_fidelity(
         task = progress.add_task("scoring", total=batches * len(chosen))
         results = fid.run_fidelity(model, tokenizer, items, chosen, batch_size,
                                    advance=lambda name: progress.update(task, advance=1, description=name))
-    title = f"luvc bench fidelity: {len(items)} items, checkpoint {source.name}"
+    model_name = f"checkpoint {checkpoint.name}" if checkpoint else "the shipped model"
+    title = f"luvc bench fidelity: {len(items)} {split if dataset is None else dataset.name} items, {model_name}"
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"checkpoint": str(source), "dataset": str(dataset) if dataset else "luvc task suite, test split",
-                "count": len(items), "schedules": [s.name for _, _, s in chosen]}
+    settings = {"checkpoint": str(checkpoint) if checkpoint else SHIPPED,
+                "dataset": str(dataset) if dataset else f"luvc task suite, {split} split",
+                "count": len(items), "batch_size": batch_size, "schedules": [s.name for _, _, s in chosen]}
     (out / "fidelity.json").write_text(json.dumps(fid.to_json(results, settings), indent=2))
     table = fid.markdown(results, title)
     (out / "fidelity.md").write_text(table)

@@ -44,8 +44,9 @@ class FidelityResult:
     answers: list[str] = field(default_factory=list, repr=False)
 
 
-def load_items(dataset: Path | None, count: int) -> list[Item]:
-    """The first ``count`` held-out items, or the items of a dataset folder.
+def load_items(dataset: Path | None, count: int, split: str = "test") -> list[Item]:
+    """The first ``count`` items of the task suite's ``split`` (held-out ``test`` by default;
+    ``val`` for tuning a schedule), or the items of a dataset folder.
 
     A folder holds ``items.jsonl``, one ``{"image": "file.png", "question": ...,
     "answer": ..., "task": ...}`` per line (``task`` optional), with the images
@@ -54,7 +55,7 @@ def load_items(dataset: Path | None, count: int) -> list[Item]:
     if dataset is None:
         from luvc.fidelity.tasks import items
 
-        return items("test", count)
+        return items(split, count)
     from PIL import Image
 
     index = dataset / "items.jsonl"

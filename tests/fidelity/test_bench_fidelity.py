@@ -73,3 +73,14 @@ def test_cli_reads_a_dataset_folder_and_reports_its_errors(tmp_path, untrained_c
     bad = CliRunner().invoke(app, ["bench", "fidelity", "--checkpoint", str(untrained_checkpoint),
                                    "--dataset", str(tmp_path), "--out", str(tmp_path / "o")])
     assert bad.exit_code == 1 and "items.jsonl:1" in bad.output
+
+
+def test_the_validation_split_is_for_tuning_and_train_is_refused(tmp_path, untrained_checkpoint):
+    base = ["bench", "fidelity", "--checkpoint", str(untrained_checkpoint), "--count", "5", "--batch-size", "5",
+            "--schedule", "identity", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, base + ["--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "fidelity.json").read_text())["settings"]["dataset"] == "luvc task suite, val split"
+    assert [i.key for i in load_items(None, 5, "val")] != [i.key for i in load_items(None, 5)]
+    refused = CliRunner().invoke(app, base + ["--split", "train"])
+    assert refused.exit_code == 1 and "what the model learned from" in refused.output
