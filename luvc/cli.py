@@ -228,11 +228,12 @@ def bench_fidelity(
             raise ValueError(f"--split {split!r}: choose test (held out) or val (tuning); train items "
                              "are what the model learned from")
         items = fid.load_items(dataset, count, split)
+        infeasible: list[str] = []
         if schedule:
             named = [load_schedule(s) for s in (["identity"] + [s for s in schedule if s != "identity"])]
             chosen = [(*fid.method_and_budget(s.name), s) for s in named]
         else:
-            chosen = fid.default_schedules(model, items[0].image.shape[:2])
+            chosen = fid.default_schedules(model, items[0].image.shape[:2], infeasible)
     except (LuvcError, FileNotFoundError, ValueError) as exc:
         errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
@@ -247,9 +248,10 @@ def bench_fidelity(
     out.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint": str(checkpoint) if checkpoint else SHIPPED,
                 "dataset": str(dataset) if dataset else f"luvc task suite, {split} split",
-                "count": len(items), "batch_size": batch_size, "schedules": [s.name for _, _, s in chosen]}
+                "count": len(items), "batch_size": batch_size, "schedules": [s.name for _, _, s in chosen],
+                "infeasible": infeasible}
     (out / "fidelity.json").write_text(json.dumps(fid.to_json(results, settings), indent=2))
-    table = fid.markdown(results, title)
+    table = fid.markdown(results, title, tuple(infeasible))
     (out / "fidelity.md").write_text(table)
     fid.pareto_plot(results, out / "fidelity.png", "accuracy against LLM prefill cost")
     console.print(table)

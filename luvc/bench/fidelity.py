@@ -25,7 +25,7 @@ from luvc.fidelity.model import encode
 from luvc.fidelity.tasks import Item
 from luvc.measure import count_flops
 from luvc.schedules import Schedule, load_schedule
-from luvc.schedules.budgets import BUDGETS, METHODS, matched_schedule
+from luvc.schedules.budgets import BUDGETS, METHODS, InfeasibleBudget, matched_schedule
 
 
 @dataclass
@@ -75,9 +75,12 @@ def load_items(dataset: Path | None, count: int, split: str = "test") -> list[It
     return loaded
 
 
-def default_schedules(model, image_size: tuple[int, int]) -> list[tuple[str, str, Schedule]]:
+def default_schedules(model, image_size: tuple[int, int],
+                      infeasible: list[str] | None = None) -> list[tuple[str, str, Schedule]]:
     """``(method, budget, schedule)``: identity, luvc-default, then every method at every matched budget,
-    solved for this model's depths and image grid."""
+    solved for this model's depths and image grid; a method that cannot reach a budget at these depths
+    is left out, and why is appended to ``infeasible``."""
+    infeasible = [] if infeasible is None else infeasible
     from luvc.models import find_adapter
 
     adapter = find_adapter(model)
@@ -86,7 +89,11 @@ def default_schedules(model, image_size: tuple[int, int]) -> list[tuple[str, str
     depth = model.config.text_config.num_hidden_layers
     out = [("identity", "-", load_schedule("identity")), ("luvc", "default", load_schedule("luvc-default"))]
     for budget in BUDGETS:
-        out += [(m, budget, matched_schedule(m, budget, depth, vision_depth, grid)) for m in METHODS]
+        for method in METHODS:
+            try:
+                out.append((method, budget, matched_schedule(method, budget, depth, vision_depth, grid)))
+            except InfeasibleBudget as exc:
+                infeasible.append(str(exc))
     return out
 
 
@@ -166,8 +173,8 @@ def to_json(results: list[FidelityResult], settings: dict) -> dict:
     return {"settings": settings, "results": [asdict(r) for r in results]}
 
 
-def markdown(results: list[FidelityResult], title: str) -> str:
-    """The full table, then per budget how LUVC ranks among the methods."""
+def markdown(results: list[FidelityResult], title: str, infeasible: tuple[str, ...] = ()) -> str:
+    """The full table, then per budget how LUVC ranks among the methods, then what could not run."""
     tasks = [t for t in results[0].accuracy if t != "overall"]
     headers = ["schedule", "visual tokens / layer", "LLM FLOPs", "accuracy", "retention", "agreement", *tasks]
     lines = [f"### {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -184,6 +191,9 @@ def markdown(results: list[FidelityResult], title: str) -> str:
             lines.append(f"* **{budget}**: " + ", ".join(
                 f"{'**' if r.method == 'luvc' else ''}{r.method} {100 * r.accuracy['overall']:.1f}%"
                 f"{'**' if r.method == 'luvc' else ''}" for r in ranked))
+    if infeasible:
+        lines += ["", "Not scored (no setting reaches the budget at this model's depth):", ""]
+        lines += [f"* {reason}" for reason in infeasible]
     return "\n".join(lines) + "\n"
 
 

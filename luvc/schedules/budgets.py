@@ -84,9 +84,18 @@ METHODS = ("luvc", "fastv", "pyramid_drop", "dart", "visionzip", "tome", "random
 POOL_STRIDES = {"third": (3, 1), "quarter": (2, 2), "ninth": (3, 3)}
 
 
+class InfeasibleBudget(ValueError):
+    """No setting of a method's knob reaches a budget at this depth (e.g. FastV at layer 2 of an
+    8-layer LLM: the two full layers alone exceed a ninth of the tokens per layer)."""
+
+
 def matched_schedule(method: str, budget: str, llm_depth: int, vision_depth: int,
                      grid: tuple[int, int, int]) -> Schedule:
-    """``method``'s schedule whose planned budget is nearest ``BUDGETS[budget]`` of the uncompressed count."""
+    """``method``'s schedule whose planned budget is nearest ``BUDGETS[budget]`` of the uncompressed count.
+
+    Raises ``InfeasibleBudget`` when even the nearest misses the target by more than a token and
+    5%: a row labelled with a budget it does not have would compare methods unequally.
+    """
     target = BUDGETS[budget] * math.prod(grid)
     name = f"{method}-{budget}"
     if method == "uniform_pool":
@@ -103,7 +112,12 @@ def matched_schedule(method: str, budget: str, llm_depth: int, vision_depth: int
         else:
             hi = mid
     candidates = [_finish(name, method, budget, template(x)) for x in (lo, hi)]
-    return min(candidates, key=lambda s: abs(planned_budget(s, llm_depth, vision_depth, grid) - target))
+    best = min(candidates, key=lambda s: abs(planned_budget(s, llm_depth, vision_depth, grid) - target))
+    reached = planned_budget(best, llm_depth, vision_depth, grid)
+    if abs(reached - target) > max(1.0, 0.05 * target):
+        raise InfeasibleBudget(f"{name}: {method} reaches {reached:.1f} visual tokens per layer at best, not "
+                               f"{target:.1f}, with {llm_depth} decoder layers and {vision_depth} vision blocks")
+    return best
 
 
 def _finish(name: str, method: str, budget: str, data: dict) -> Schedule:

@@ -8,7 +8,15 @@ import pytest
 
 import luvc
 from luvc.schedules import load_schedule
-from luvc.schedules.budgets import BUDGETS, METHODS, REFERENCE, matched_schedule, planned_budget, reference_presets
+from luvc.schedules.budgets import (
+    BUDGETS,
+    METHODS,
+    REFERENCE,
+    InfeasibleBudget,
+    matched_schedule,
+    planned_budget,
+    reference_presets,
+)
 from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
 
 PRESETS = reference_presets()
@@ -35,6 +43,23 @@ def test_matched_schedules_adapt_to_another_depth():
     for method in ("luvc", "fastv", "tome"):
         schedule = matched_schedule(method, "quarter", llm_depth=8, vision_depth=4, grid=(1, 16, 16))
         assert abs(planned_budget(schedule, 8, 4, (1, 16, 16)) - 64) <= 1.0
+
+
+def test_a_budget_no_setting_reaches_is_refused_not_mislabelled():
+    """FastV at layer 2 of 8 layers keeps 2 full layers: at least 64 tokens per layer, never a ninth (28.4)."""
+    with pytest.raises(InfeasibleBudget, match=r"fastv-ninth: fastv reaches 64.0 .* not 28.4, with 8 decoder"):
+        matched_schedule("fastv", "ninth", llm_depth=8, vision_depth=4, grid=(1, 16, 16))
+
+
+def test_the_fidelity_default_set_leaves_out_and_names_infeasible_budgets():
+    from luvc.bench.fidelity import default_schedules
+    from luvc.fidelity.model import new_model
+
+    infeasible: list[str] = []
+    chosen = default_schedules(new_model(), (224, 224), infeasible)
+    names = {schedule.name for _, _, schedule in chosen}
+    assert "fastv-ninth" not in names and "luvc-ninth" in names and "fastv-quarter" in names
+    assert any(reason.startswith("fastv-ninth:") for reason in infeasible)
 
 
 @pytest.mark.parametrize("method", METHODS)
