@@ -11,10 +11,10 @@ scored by exact match:
 * ``spatial``: say where one shape is relative to another.
 
 Photographs come from scikit-image's bundled images, glyphs from Pillow's
-bundled font. Splits never share a photograph; discrete overlays (a digit
-label's glyph, size and cell; a chart's values) are assigned to splits by
-hash; every other overlay is drawn from a continuous layout, so items of
-different splits never coincide. Generation is a pure function of
+bundled font. Splits never share a photograph, and every overlay (a digit
+label's glyph, size and cell; a chart's values and colours; the shapes' patch
+cells, kinds and colours) is assigned to one split by a hash of what it shows,
+so items of different splits never coincide. Generation is a pure function of
 ``(split, index)``.
 
 What answers a question is drawn dark on neutral grey (``LABEL``, about the
@@ -71,6 +71,8 @@ PHOTOS = {
     "val": ("chelsea", "brick"),
     "test": ("coffee", "rocket", "grass"),
 }
+
+
 @dataclass(frozen=True)
 class Item:
     """One question about one image."""
