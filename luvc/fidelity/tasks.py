@@ -12,7 +12,7 @@ scored by exact match:
 
 Photographs come from scikit-image's bundled images, glyphs from Pillow's
 bundled font. Splits never share a photograph, and every overlay (a digit
-label's glyph, size and cell; a chart's values and colours; the shapes' patch
+label's glyph, size and cell; a chart's values; the shapes' patch
 cells, kinds and colours) is assigned to one split by a hash of what it shows,
 so items of different splits never coincide. Generation is a pure function of
 ``(split, index)``.
