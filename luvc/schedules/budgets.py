@@ -112,8 +112,8 @@ def matched_schedule(method: str, budget: str, llm_depth: int, vision_depth: int
         else:
             hi = mid
     candidates = [_finish(name, method, budget, template(x)) for x in (lo, hi)]
-    best = min(candidates, key=lambda s: abs(planned_budget(s, llm_depth, vision_depth, grid) - target))
-    reached = planned_budget(best, llm_depth, vision_depth, grid)
+    reached, best = min(((planned_budget(s, llm_depth, vision_depth, grid), s) for s in candidates),
+                        key=lambda pair: abs(pair[0] - target))
     if abs(reached - target) > max(1.0, 0.05 * target):
         raise InfeasibleBudget(f"{name}: {method} reaches {reached:.1f} visual tokens per layer at best, not "
                                f"{target:.1f}, with {llm_depth} decoder layers and {vision_depth} vision blocks")
