@@ -123,14 +123,14 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     if unknown:
         raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}",
                                  param_hint="--tasks")
-    schedule = sorted((int(until), int(tiles)) for tiles, until in
-                      (part.split(":") for part in label_tiles.split(",") if part.strip()))
+    label_schedule = sorted((int(until), int(tiles)) for tiles, until in
+                            (part.split(":") for part in label_tiles.split(",") if part.strip()))
     val = items("val", 250, tasks=chosen)
     log = (out / "training_log.jsonl").open("w")
     started = time.time()
     for step in range(steps):
         photo = PHOTO * min(1.0, max(0.0, (step - flat_steps) / max(1, fade_steps)))
-        tiles = next((t for until, t in schedule if step < until), 1)
+        tiles = next((t for until, t in label_schedule if step < until), 1)
         batch_items = items("train", batch, tasks=chosen, start=step * batch, photo=photo, tiles=tiles)
         if step < small_steps:
             batch_items = [shrink(item, small_size) for item in batch_items]
