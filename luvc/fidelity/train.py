@@ -160,7 +160,8 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         photo = PHOTO * min(1.0, max(0.0, (step - flat_steps) / max(1, fade_steps)))
         tiles = next((t for until, t in label_schedule if step < until), 1)
         offset = step * batch % len(cycle)
-        batch_items = items("train", batch, tasks=cycle[offset:] + cycle[:offset], start=step * batch, photo=photo, tiles=tiles)
+        batch_items = items("train", batch, tasks=cycle[offset:] + cycle[:offset], start=step * batch, photo=photo,
+                            tiles=tiles)
         if step < small_steps:
             batch_items = [shrink(item, small_size) for item in batch_items]
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
