@@ -70,6 +70,13 @@ def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdap
     adapter.check(model)
     graph = insert_transforms(trace_stack(adapter.stack_nodes(model)), resolved)
     verify(graph, resolved)
+    if resolved.proportional_llm_attention:
+        impl = model.config.get_text_config()._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            raise CompileError(f"proportional_llm_attention needs an additive attention bias, which "
+                               f"{impl!r} cannot take\n  load the model with attn_implementation='sdpa', or set "
+                               "proportional_llm_attention: false")
+        graph.luvc_llm_sizes = True
     return resolved, adapter, graph
 
 

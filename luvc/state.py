@@ -79,6 +79,7 @@ class LLMState:
     cache: object | None = None  # the model's KV cache, each layer holding only what it kept
     decoding: bool = False  # True after prefill: new tokens only, the ledger is not written
     image_blocks: bool = False  # each image's tokens attend to each other both ways (Gemma 3)
+    sizes: Tensor | None = None  # [B, S] float32: tokens each one stands for, when the LLM attends by size
     log: list[LedgerRow] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # adapter's per-state cache (masks, rotary)
     site = "llm"
@@ -122,6 +123,7 @@ def compact(state: LLMState, keep: Tensor) -> LLMState:
         visual=torch.gather(state.visual, 1, order) & valid,
         position_ids=take(state.position_ids, 1),
         source=torch.where(valid, torch.gather(state.source, 1, order), -1),
+        sizes=None if state.sizes is None else torch.gather(state.sizes, 1, order),
     )
 
 

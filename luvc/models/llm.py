@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
+from luvc.models.sized_attention import log_sizes
 from luvc.state import LLMState
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
@@ -28,11 +29,13 @@ class CacheRecord:
     Attributes:
         key_valid: per layer index, [B, K] which cached keys are real tokens.
         key_position: per sliding-window layer index, [B, K] the cached keys' positions.
+        key_sizes: per layer index, [B, K] the tokens each cached key stands for (proportional attention).
         next_position: [B] position id of the next token of each row.
     """
 
     key_valid: dict[int, Tensor] = field(default_factory=dict)
     key_position: dict[int, Tensor] = field(default_factory=dict)
+    key_sizes: dict[int, Tensor] = field(default_factory=dict)
     next_position: Tensor | None = None
 
 
@@ -52,7 +55,8 @@ def check_attention(config) -> None:
 
 
 def attention_mask(key_valid: Tensor, q_len: int, impl: str, dtype: torch.dtype, window: int | None = None,
-                   key_position: Tensor | None = None, blocks: Tensor | None = None) -> Tensor:
+                   key_position: Tensor | None = None, blocks: Tensor | None = None,
+                   key_sizes: Tensor | None = None) -> Tensor:
     """The mask for ``q_len`` newest tokens attending to keys ``key_valid`` [B, K].
 
     Causal, padding keys hidden; a padding query sees itself so no row is
@@ -61,12 +65,14 @@ def attention_mask(key_valid: Tensor, q_len: int, impl: str, dtype: torch.dtype,
     (``key_position`` [B, K], the model's own, so pruning does not widen the
     window) is less than ``window`` before its own. ``blocks`` [B, K] (image
     run per token, -1 for text; prefill only) lets the tokens of one image
-    see each other both ways, as Gemma 3's language model does.
+    see each other both ways, as Gemma 3's language model does. ``key_sizes``
+    [B, K] make a key count as that many tokens (an additive ``log`` bias, so
+    the mask is a float one).
     """
     if impl == "flash_attention_2":
-        if window is not None or blocks is not None:
-            raise CompileError("sliding windows and bidirectional image blocks need an explicit mask: "
-                               "use attn_implementation='sdpa' or 'eager'")
+        if window is not None or blocks is not None or key_sizes is not None:
+            raise CompileError("sliding windows, bidirectional image blocks and proportional attention need an "
+                               "explicit mask: use attn_implementation='sdpa' or 'eager'")
         return key_valid.to(torch.int32)  # rows are left-padded: FlashAttention's varlen path handles it
     k_len = key_valid.shape[1]
     q_pos = torch.arange(k_len - q_len, k_len, device=key_valid.device)[:, None]
@@ -78,11 +84,12 @@ def attention_mask(key_valid: Tensor, q_len: int, impl: str, dtype: torch.dtype,
     if window is not None:
         allowed = allowed & (key_position[:, -q_len:, None] - key_position[:, None, :] < window)
     allowed = (allowed | (k_pos == q_pos))[:, None]  # [B, 1, q, K]
-    if impl == "sdpa":
+    if impl == "sdpa" and key_sizes is None:
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    if key_sizes is not None:
+        bias = bias + log_sizes(key_sizes, dtype)[:, None, None, :]
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def image_blocks(visual: Tensor) -> Tensor:
@@ -123,17 +130,23 @@ class DecoderLayerNode(StackNode):
             past_position = record.key_position.get(layer_idx) if record is not None else None
             key_position = state.position_ids[0] if past_position is None else torch.cat(
                 [past_position, state.position_ids[0]], dim=1)
+        key_sizes = None
+        if state.sizes is not None:
+            past_sizes = record.key_sizes.get(layer_idx) if record is not None else None
+            key_sizes = state.sizes if past_sizes is None else torch.cat([past_sizes, state.sizes], dim=1)
         if record is not None:
             record.key_valid[layer_idx] = key_valid
             if key_position is not None:
                 record.key_position[layer_idx] = key_position
+            if key_sizes is not None:
+                record.key_sizes[layer_idx] = key_sizes
         masks = state.scratch.setdefault("masks", {})
         key = (id(past), self.window)
         if key not in masks:
             impl = self.block.self_attn.config._attn_implementation
             blocks = image_blocks(state.visual) if state.image_blocks and past is None else None
             masks[key] = (past, attention_mask(key_valid, hidden.shape[1], impl, hidden.dtype, self.window,
-                                               key_position, blocks))
+                                               key_position, blocks, key_sizes))
         if self.rope_key not in state.scratch:
             positions = state.position_ids[0] if state.position_ids.shape[0] == 1 else state.position_ids
             state.scratch[self.rope_key] = self.rotary[0](hidden, positions)

@@ -28,14 +28,20 @@ def vision_output(state: VisionState, source_counts: list[int], features: list[T
     default the state's, split by grid); ``luvc_source_counts`` are the
     placeholders each item has in the caller's input, ``luvc_counts`` the
     tokens each item now has; ``extra`` attributes (``luvc_*``, one entry per
-    item) travel along, e.g. merged grids.
+    item) travel along, e.g. merged grids. ``luvc_sizes`` says how many of
+    the item's uncompressed LLM tokens each token stands for (merging
+    conserves sizes, so an item's sizes sum to its placeholder count); it is
+    left out where the features are not the state's tokens one for one.
     """
+    split = [t * h * w * state.unit for t, h, w in state.grids]
     if features is None:
-        features = torch.split(state.hidden, [t * h * w * state.unit for t, h, w in state.grids])
+        features = torch.split(state.hidden, split)
     counts = [len(f) for f in features]
     out = BaseModelOutputWithPooling(last_hidden_state=state.hidden, pooler_output=features)
     out.luvc_source_counts = list(source_counts)
     out.luvc_counts = counts
+    if sum(split) == len(state.sizes) and split == counts:
+        out.luvc_sizes = [s * n / s.sum() for s, n in zip(torch.split(state.sizes, split), source_counts)]
     out.luvc_ledger = state.log
     for name, value in extra.items():
         setattr(out, name, value)
@@ -129,17 +135,23 @@ class CompiledVLM:
         else:
             embeds = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(ids)
         visual = torch.zeros_like(valid)
+        sizes = torch.ones(ids.shape, device=embeds.device) if self.__dict__.get("_luvc_llm_sizes") else None
         for kind, out in encoded.items():
             features = torch.cat(list(out.pooler_output), dim=0).to(embeds.device, embeds.dtype)
             mask = ids == token_ids[kind]
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
             visual |= mask
+            if sizes is not None:
+                if getattr(out, "luvc_sizes", None) is None:
+                    raise CompileError(f"proportional_llm_attention: this model's {kind} features are not its "
+                                       "vision tokens one for one, so their sizes are unknown; set it to false")
+                sizes = sizes.masked_scatter(mask, torch.cat(list(out.luvc_sizes)).to(sizes.device))
         positions = self._luvc_positions(ids, valid, encoded, position_ids, rebuilt, kwargs)
         if cache is not None:
             last = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))
             cache.luvc_record = CacheRecord(next_position=last + 1)
         state = LLMState(embeds, valid, visual & valid, positions, torch.where(valid, source_index, -1),
-                         cache=cache, image_blocks=self._luvc_image_blocks(kwargs), log=[])
+                         cache=cache, image_blocks=self._luvc_image_blocks(kwargs), log=[], sizes=sizes)
         return state, length
 
     def _luvc_decode(self, input_ids, inputs_embeds, attention_mask, cache, record: CacheRecord):
@@ -149,8 +161,10 @@ class CompiledVLM:
             batch, q, dtype=torch.bool, device=embeds.device)
         positions = record.next_position[:, None] + torch.arange(q, device=embeds.device)
         record.next_position = record.next_position + q
+        sizes = torch.ones(valid.shape, device=embeds.device) if record.key_sizes else None
         state = LLMState(embeds, valid, torch.zeros_like(valid), self._luvc_decode_positions(positions),
-                         torch.arange(q, device=embeds.device).expand(batch, -1), cache=cache, decoding=True)
+                         torch.arange(q, device=embeds.device).expand(batch, -1), cache=cache, decoding=True,
+                         sizes=sizes)
         state = self._luvc_sections[1](state)
         return self._luvc_output_class(last_hidden_state=scatter_to_caller(state, q), past_key_values=cache)
 
@@ -211,6 +225,7 @@ def install_compiled(model: nn.Module, graph: nn.Module, inner_mixin: type, atte
     inner.__class__ = swapped(type(inner), inner_mixin)
     model.__class__ = swapped(type(model), ExpandingGeneration, prefix="")
     inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
+    inner.__dict__["_luvc_llm_sizes"] = getattr(graph, "luvc_llm_sizes", False)
     return record
 
 
@@ -221,4 +236,5 @@ def uninstall_compiled(model: nn.Module, record: dict) -> None:
     for module, cls in record["attention"]:
         module.__class__ = cls
     model.model.__dict__.pop("_luvc_sections", None)
+    model.model.__dict__.pop("_luvc_llm_sizes", None)
     model.model.__dict__.pop("luvc_ledger", None)

@@ -66,6 +66,11 @@ class Schedule(BaseModel):
         default=False,
         description="Claim that no visual token reaches the final LLM layer; compile proves it or fails.",
     )
+    proportional_llm_attention: bool = Field(
+        default=False,
+        description="A merged visual token counts, in the LLM's attention, as the tokens it replaced (the "
+        "log-size bias ToMe uses in the encoder); SDPA and eager attention only.",
+    )
     vision: tuple[Step, ...] = ()
     llm: tuple[Step, ...] = ()
 

@@ -1,13 +1,15 @@
-"""Size-weighted vision attention equals proportional attention (a log-size bias on the logits)."""
+"""Size-weighted attention equals proportional attention (a log-size bias on the logits): in the vision
+tower always, in the LLM with ``proportional_llm_attention``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import generate, greedy_without_cache
 from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
 
 import luvc
-from luvc.zoo import build_model
+from luvc.zoo import build_model, model_config, vlm_inputs
 
 
 def reference(attn, hidden, cu_seqlens, rope, sizes):
@@ -75,3 +77,53 @@ def test_flash_form_equals_the_bias_form():
     flash_form = unweight(sdpa(*(t.transpose(0, 1) for t in (qp, kp, vp)), scale=scale).transpose(0, 1), 10)
     bias_form = sdpa(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=log_sizes(sizes, q.dtype), scale=scale)
     torch.testing.assert_close(flash_form, bias_form.transpose(0, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_key_of_size_two_attends_like_two_copies_of_it():
+    """The LLM's mask with ``key_sizes``: a merged key of size s weighs as s identical keys."""
+    from luvc.models.llm import attention_mask
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    twice = [0, 1, 1, 2]  # key 1 repeated, the query's own key last
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, twice], v[:, :, twice],
+        attn_mask=attention_mask(torch.ones(1, 4, dtype=torch.bool), 1, "sdpa", torch.float32))
+    for impl in ("sdpa", "eager"):
+        mask = attention_mask(torch.ones(1, 3, dtype=torch.bool), 1, impl, torch.float32,
+                              key_sizes=torch.tensor([[1.0, 2.0, 1.0]]))
+        sized = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(sized, full, rtol=1e-5, atol=1e-6)
+
+
+MERGE_THEN_PRUNE = {
+    "name": "merge-then-prune", "proportional_llm_attention": True,
+    "vision": [{"transform": "orthogonal_merge", "at": [1, 2], "params": {"ratio": 0.25}}],
+    "llm": [{"transform": "spectrum_prune", "at": 1, "params": {"keep": 0.5}}],
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl-tiny", "llava-tiny"])
+def test_proportional_llm_attention_changes_answers_only_where_tokens_merged(family, astronaut):
+    inputs = vlm_inputs([[astronaut]], prompts=[(10, 11, 12)], config=model_config(family))
+    model = build_model(family)
+    plain = luvc.compile(model, {**MERGE_THEN_PRUNE, "proportional_llm_attention": False})(**inputs).logits
+    luvc.uncompile(model)
+    luvc.compile(model, {**MERGE_THEN_PRUNE, "vision": []})
+    unmerged_sized = model(**inputs).logits
+    luvc.uncompile(model)
+    luvc.compile(model, {**MERGE_THEN_PRUNE, "vision": [], "proportional_llm_attention": False})
+    torch.testing.assert_close(unmerged_sized, model(**inputs).logits)  # every size is 1: no change
+    luvc.uncompile(model)
+    luvc.compile(model, MERGE_THEN_PRUNE)
+    sized = model(**inputs).logits
+    assert not torch.allclose(sized, plain)
+    torch.testing.assert_close(generate(model, inputs), greedy_without_cache(model, inputs, 4))  # the KV cache
+
+
+def test_proportional_llm_attention_refuses_flash_attention(monkeypatch):
+    model = build_model("qwen2-vl-tiny")
+    monkeypatch.setattr(model.config.get_text_config(), "_attn_implementation", "flash_attention_2")
+    with pytest.raises(luvc.CompileError, match="proportional_llm_attention"):
+        luvc.compile(model, MERGE_THEN_PRUNE)
+    assert getattr(model, "_luvc", None) is None
