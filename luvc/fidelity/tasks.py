@@ -29,6 +29,10 @@ shape fills a patch-aligned 2 x 2 box so each of its patches shows part of
 its outline (its kind) and its colour. Counting and spatial relations stay
 relations between tokens, as in real benchmarks.
 
+Training items also carry the other questions their image answers (``Item.more``):
+a spatial item the colours of its two shapes, a colour item the relations between its
+shapes that clearly hold, so every image teaches more than one answer.
+
 Each item also has a region map naming what every pixel shows in the words
 of the question it answers (``REGIONS``), which training uses to supervise
 every visual token, not only the answer.
@@ -297,7 +301,10 @@ def _color(split: str, rng: np.random.Generator, photo: float, tiles: int) -> It
         _draw(image, regions, f"{color} {kind}", kind, color, cell)
     pairs = [(f"what colour is the {k} ?", c) for k, c in zip(kinds, colors)]
     question, answer = pairs.pop(int(rng.integers(len(pairs))))
-    return Item("color", image, question, answer, key, tuple(pairs), regions)
+    relations = [(f"where is the {kinds[i]} relative to the {kinds[j]} ?", relation)
+                 for i in range(3) for j in range(3) if i != j
+                 for relation in [_relation(cells[i], cells[j])] if relation]
+    return Item("color", image, question, answer, key, tuple(pairs + relations), regions)
 
 
 def _spatial(split: str, rng: np.random.Generator, photo: float, tiles: int) -> Item:
@@ -307,17 +314,26 @@ def _spatial(split: str, rng: np.random.Generator, photo: float, tiles: int) -> 
         ca, cb = (str(c) for c in rng.choice(list(COLORS), 2, replace=False))
         relation = str(rng.choice(RELATIONS))
         (ya, xa), (yb, xb) = _cells(rng, 2)
-        along, across = (xa - xb, ya - yb) if relation in ("left", "right") else (ya - yb, xa - xb)
-        sign = -1 if relation in ("left", "above") else 1
         key = f"spatial{a}{ca}{ya},{xa}/{b}{cb}{yb},{xb}"
-        if sign * along >= 4 and 2 * abs(across) <= abs(along) and _split_of_key(key) == split:
+        if _relation((ya, xa), (yb, xb)) == relation and _split_of_key(key) == split:
             break
     opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}[relation]
     regions = _blank()
     _draw(image, regions, f"{ca} {a} {relation}", a, ca, (ya, xa))
     _draw(image, regions, f"{cb} {b} {opposite}", b, cb, (yb, xb))
     return Item("spatial", image, f"where is the {a} relative to the {b} ?", relation, key,
-                ((f"where is the {b} relative to the {a} ?", opposite),), regions)
+                ((f"where is the {b} relative to the {a} ?", opposite), (f"what colour is the {a} ?", ca),
+                 (f"what colour is the {b} ?", cb)), regions)
+
+
+def _relation(p: tuple[int, int], q: tuple[int, int]) -> str | None:
+    """Where the box at cell ``p`` is relative to the one at ``q``, if one relation clearly holds:
+    at least 4 cells apart along its axis, and at most half that across it."""
+    dy, dx = p[0] - q[0], p[1] - q[1]
+    along, across, names = (dx, dy, ("left", "right")) if abs(dx) >= abs(dy) else (dy, dx, ("above", "below"))
+    if abs(along) < 4 or 2 * abs(across) > abs(along):
+        return None
+    return names[along > 0]
 
 
 _RENDERERS = {"text": _text, "chart": _chart, "count": _count, "color": _color, "spatial": _spatial}

@@ -47,30 +47,6 @@ def patch_regions(item: Item, cover: float = 0.25) -> np.ndarray:
     return np.where(counts.max(1) >= cover * PATCH * PATCH, best, 0)
 
 
-def batch_tasks(mix: str, chosen: tuple[str, ...]) -> tuple[str, ...]:
-    """The cycle of tasks training items are drawn from, by ``--mix`` (``TASK:WEIGHT,...``).
-
-    The weak tasks (colour, spatial relations) learn slowest: the mix gives
-    them more items than the ones the model reads early (the digit). Tasks
-    not in ``chosen`` are left out; the cycle is interleaved, so any run of
-    consecutive items follows the mix as closely as it can.
-    """
-    counts: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in mix.split(","))):
-        task, _, weight = part.partition(":")
-        if task not in TASKS or not weight.isdigit():
-            raise typer.BadParameter(f"{part!r} is not TASK:WEIGHT with TASK one of {', '.join(TASKS)}",
-                                     param_hint="--mix")
-        if task in chosen:
-            counts[task] = int(weight)
-    if not any(counts.values()):
-        return chosen
-    cycle: list[str] = []
-    for round_ in range(max(counts.values())):
-        cycle += [task for task, weight in counts.items() if weight > round_]
-    return tuple(cycle)
-
-
 def answer_accuracy(model, tokenizer, batch_items, batch_size: int = 50) -> dict[str, float]:
     """Per-task accuracy of the first answer token (greedy), uncompressed."""
     hits: dict[str, list[bool]] = {task: [] for task in TASKS}
@@ -103,10 +79,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           label_tiles: str = typer.Option("4:500,2:900", help="curriculum: TILES:UNTIL_STEP,... text labels printed "
                                           "as TILES x TILES blocks before UNTIL_STEP, single cells after"),
           region_weight: float = typer.Option(1.0, help="weight of the per-visual-token region loss"),
-          tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on"),
-          mix: str = typer.Option("text:2,chart:3,count:3,color:3,spatial:4",
-                                  help="TASK:WEIGHT,... how often each task is drawn for training "
-                                  "(tasks not named: never; empty: the --tasks in turn)")) -> None:
+          tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
 
     Curriculum: optionally smaller images first (Qwen2-VL takes any size: fewer
@@ -150,7 +123,6 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     if unknown:
         raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}",
                                  param_hint="--tasks")
-    cycle = batch_tasks(mix, chosen)
     label_schedule = sorted((int(until), int(tiles)) for tiles, until in
                             (part.split(":") for part in label_tiles.split(",") if part.strip()))
     val = items("val", 250, tasks=chosen)
@@ -159,9 +131,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     for step in range(steps):
         photo = PHOTO * min(1.0, max(0.0, (step - flat_steps) / max(1, fade_steps)))
         tiles = next((t for until, t in label_schedule if step < until), 1)
-        offset = step * batch % len(cycle)
-        batch_items = items("train", batch, tasks=cycle[offset:] + cycle[:offset], start=step * batch, photo=photo,
-                            tiles=tiles)
+        batch_items = items("train", batch, tasks=chosen, start=step * batch, photo=photo, tiles=tiles)
         if step < small_steps:
             batch_items = [shrink(item, small_size) for item in batch_items]
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
