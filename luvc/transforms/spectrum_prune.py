@@ -19,6 +19,11 @@ Choices the paper leaves open, made here:
   huge outlier channels cannot dominate the score.
 * ``cutoff`` is the window's half-width as a fraction of the frequency bins
   (default 0.25).
+* ``band: low`` (default, the paper's) keeps the tokens with the most energy
+  below the cutoff; ``band: high`` scores the energy the low-pass filter
+  removes instead: with ``axis: sequence``, how much a token differs from its
+  smoothed neighbourhood (detail), with ``axis: hidden`` nearly the reverse
+  ranking of ``low``. Still attention- and similarity-free.
 * ``k = round(keep * n)`` of the ``n`` arriving visual tokens are kept per
   sample; text tokens are never dropped; kept tokens keep their position ids.
 """
@@ -46,6 +51,7 @@ class SPUParams(BaseModel):
     axis: Literal["hidden", "sequence"] = Field("hidden", description="what the FFT runs over")
     cutoff: float = Field(0.25, gt=0.0, le=1.0, description="low-pass half-width as a fraction of frequency bins")
     normalize: bool = Field(True, description="RMS-normalise each token before filtering")
+    band: Literal["low", "high"] = Field("low", description="score the energy below the cutoff (low) or above it")
 
 
 def lowpass_window(bins: int, cutoff: float, device=None) -> Tensor:
@@ -55,8 +61,9 @@ def lowpass_window(bins: int, cutoff: float, device=None) -> Tensor:
     return torch.where(k < width, 0.5 * (1 + torch.cos(math.pi * k / width)), torch.zeros((), device=device))
 
 
-def lowpass_energy(signal: Tensor, cutoff: float, dim: int) -> Tensor:
-    """L2 energy per position after low-pass filtering ``signal`` along ``dim``.
+def lowpass_energy(signal: Tensor, cutoff: float, dim: int, band: str = "low") -> Tensor:
+    """L2 energy per position after low-pass filtering ``signal`` along ``dim`` (``band="high"``:
+    of what the filter removes).
 
     Returns the filtered signal's norm over the feature dimension (the last
     one when filtering along another, otherwise along ``dim`` itself).
@@ -66,6 +73,8 @@ def lowpass_energy(signal: Tensor, cutoff: float, dim: int) -> Tensor:
     shape = [1] * signal.dim()
     shape[dim] = spectrum.shape[dim]
     window = lowpass_window(spectrum.shape[dim], cutoff, signal.device).view(shape)
+    if band == "high":
+        window = 1 - window
     filtered = torch.fft.irfft(spectrum * window, n=n, dim=dim)
     return filtered.norm(dim=-1)
 
@@ -77,10 +86,10 @@ def spu_scores(hidden: Tensor, visual: Tensor, params: SPUParams) -> Tensor:
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
     scores = torch.full(visual.shape, float("-inf"), device=hidden.device)
     if params.axis == "hidden":
-        return scores.masked_scatter(visual, lowpass_energy(x[visual], params.cutoff, dim=-1))
+        return scores.masked_scatter(visual, lowpass_energy(x[visual], params.cutoff, dim=-1, band=params.band))
     for row in range(x.shape[0]):
         if visual[row].any():
-            scores[row, visual[row]] = lowpass_energy(x[row, visual[row]], params.cutoff, dim=0)
+            scores[row, visual[row]] = lowpass_energy(x[row, visual[row]], params.cutoff, dim=0, band=params.band)
     return scores
 
 

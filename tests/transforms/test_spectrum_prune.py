@@ -25,11 +25,12 @@ def random_state(seed: int, batch: int, length: int, dim: int = 16) -> LLMState:
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), length=st.integers(2, 40),
-       keep=st.floats(0.0, 1.0), axis=st.sampled_from(["hidden", "sequence"]), normalize=st.booleans())
-def test_spu_keeps_round_keep_n_and_all_text(seed, batch, length, keep, axis, normalize):
+       keep=st.floats(0.0, 1.0), axis=st.sampled_from(["hidden", "sequence"]), normalize=st.booleans(),
+       band=st.sampled_from(["low", "high"]))
+def test_spu_keeps_round_keep_n_and_all_text(seed, batch, length, keep, axis, normalize, band):
     """Exactly round(keep*n) visual tokens per row survive; every text token survives, in order, same position."""
     state = random_state(seed, batch, length)
-    out = spectrum_prune(state, SPUParams(keep=keep, axis=axis, normalize=normalize))
+    out = spectrum_prune(state, SPUParams(keep=keep, axis=axis, normalize=normalize, band=band))
     for b in range(batch):
         n_visual = int(state.visual[b].sum())
         assert int(out.visual[b].sum()) == round_half_up(keep * n_visual)
@@ -72,3 +73,15 @@ def test_low_frequency_tokens_score_higher():
 def test_window_is_a_lowpass_hann(bins, cutoff):
     w = lowpass_window(bins, cutoff)
     assert w[0] == 1.0 and bool((w.diff() <= 1e-7).all()) and bool((w >= 0).all())
+
+
+def test_high_band_along_the_sequence_keeps_the_token_that_stands_out():
+    """``band: high`` with ``axis: sequence`` scores detail: a token unlike its smooth neighbourhood wins,
+    where ``band: low`` ranks it last (its energy is what the filter removes)."""
+    hidden = torch.ones(1, 33, 16) + 0.01 * torch.randn(1, 33, 16, generator=torch.Generator().manual_seed(0))
+    hidden[0, 17] = -1.0
+    visual = torch.ones(1, 33, dtype=torch.bool)
+    visual[0, 0] = False  # one text token
+    high = spu_scores(hidden, visual, SPUParams(keep=0.5, axis="sequence", band="high", normalize=False))
+    low = spu_scores(hidden, visual, SPUParams(keep=0.5, axis="sequence", band="low", normalize=False))
+    assert int(high[0].argmax()) == 17 and int(low[0, 1:].argmin()) == 16
