@@ -23,7 +23,8 @@ Choices the paper leaves open, made here:
   later attention exactly as those patches would (``luvc.models.sized_attention``:
   a log-size bias under SDPA and eager, the values under FlashAttention).
 * Before the first block there are no keys; the patch embeddings themselves
-  are the similarity metric there.
+  are the similarity metric there. ``metric: hidden`` uses the last block's
+  output instead of its keys everywhere.
 * ``axis: alternate`` merges width at the 1st, 3rd, ... occurrence in a
   schedule and height at the 2nd, 4th, ...; frames of a video are merged
   independently (no temporal merging).
@@ -55,6 +56,9 @@ class OIMParams(BaseModel):
         "alternate", description="which axis shrinks: alternate starts with width and flips at each occurrence"
     )
     min_size: int = Field(2, ge=1, description="never shrink an axis below this many units")
+    metric: Literal["keys", "hidden"] = Field(
+        "keys", description="what similarity is measured on: the last block's attention keys, or its output"
+    )
 
 
 def merges_per_line(length: int, params: OIMParams) -> int:
@@ -108,7 +112,8 @@ def orthogonal_merge(state: VisionState, params: OIMParams) -> VisionState:
 
     def merge(image: ImageTokens):
         t = image.grid[0]
-        x, s, p, k = image.hidden, image.sizes, image.positions, image.metric()
+        k = image.metric() if params.metric == "keys" else image.hidden.float().mean(dim=3)
+        x, s, p = image.hidden, image.sizes, image.positions
         if params.axis == "height":  # lines run down the columns
             x, s, p, k = (v.transpose(1, 2) for v in (x, s, p, k))
         lines = x.shape[0] * x.shape[1]

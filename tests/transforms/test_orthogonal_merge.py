@@ -44,11 +44,11 @@ def test_merge_pairs_only_adjacent_tokens():
 
 @settings(max_examples=40, deadline=None)
 @given(t=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), axis=st.sampled_from(["width", "height"]),
-       ratio=st.floats(0.05, 0.5), min_size=st.integers(1, 3))
-def test_orthogonal_merge_matches_plan(t, h, w, axis, ratio, min_size):
+       ratio=st.floats(0.05, 0.5), min_size=st.integers(1, 3), metric=st.sampled_from(["keys", "hidden"]))
+def test_orthogonal_merge_matches_plan(t, h, w, axis, ratio, min_size, metric):
     """The grid after a step is what the static plan says, never below min_size, and total size is kept."""
     unit, dim = 4, 8
-    params = OIMParams(ratio=ratio, axis=axis, min_size=min_size)
+    params = OIMParams(ratio=ratio, axis=axis, min_size=min_size, metric=metric)
     n = t * h * w * unit + 6 * unit
     state = VisionState(hidden=torch.randn(n, dim), sizes=torch.ones(n), positions=torch.rand(n, 2),
                         grids=((t, h, w), (1, 2, 3)), unit=unit, log=[])
