@@ -65,11 +65,13 @@ def _step(transform: str, at, **params) -> dict:
 
 #: method -> (knob range, schedule as a function of the knob). Defaults follow each method's paper.
 TEMPLATES: dict[str, tuple[tuple[float, float], Callable[[float], dict]]] = {
+    # luvc-default's parts (a light merge, detail-scoring SPU, nothing at the last layer), with a
+    # four-step cascade so that one keep fraction reaches every budget down to a ninth.
     "luvc": ((0.0, 1.0), lambda q: {
         "eliminate_visual": True,
-        "vision": [_step("orthogonal_merge", [0.25, 0.5, 0.75], ratio=0.15)],
-        "llm": [_step("spectrum_prune", [0.1, 0.25, 0.4, 0.55], keep=round(q, 4)),
-                _step("spectrum_prune", 0.7, keep=0.0)]}),
+        "vision": [_step("orthogonal_merge", 0.75, ratio=0.125)],
+        "llm": [_step("spectrum_prune", [0.1, 0.25, 0.4, 0.55], keep=round(q, 4), axis="sequence", band="high"),
+                _step("spectrum_prune", -1, keep=0.0)]}),
     "fastv": ((0.0, 1.0), lambda q: {"llm": [_step("fastv", 2, keep=round(q, 4))]}),
     "pyramid_drop": ((0.0, 1.0), lambda q: {"llm": [_step("pyramid_drop", [0.0625, 0.25, 0.5], keep=round(q, 4))]}),
     "dart": ((0.0, 1.0), lambda q: {"llm": [_step("dart", 2, keep=round(q, 4), pivots=4)]}),

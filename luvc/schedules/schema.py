@@ -87,6 +87,8 @@ class Schedule(BaseModel):
     def to_yaml(self) -> str:
         """The schedule as YAML text; ``load_schedule`` of it gives an equal schedule."""
         data = self.model_dump(mode="json")
+        if not data["proportional_llm_attention"]:  # opt-in: absent unless asked for
+            del data["proportional_llm_attention"]
         for stage in ("vision", "llm"):
             if not data[stage]:
                 del data[stage]
