@@ -59,9 +59,10 @@ class ImageTokens:
     keys: Tensor | None  # [t, h, w, u, Dk] from the block before, if it captured them
     attention: Tensor | None  # [t, h, w, u] received in the block before, if asked for
 
-    def metric(self) -> Tensor:
-        """[t, h, w, M] each unit's mean key (the patch embeddings before the first block), float."""
-        source = self.keys if self.keys is not None else self.hidden
+    def metric(self, on: str = "keys") -> Tensor:
+        """[t, h, w, M] each unit's mean key (the patch embeddings before the first block), or with
+        ``on="hidden"`` its mean hidden state, float."""
+        source = self.keys if self.keys is not None and on == "keys" else self.hidden
         return source.float().mean(dim=3)
 
 

@@ -112,8 +112,7 @@ def orthogonal_merge(state: VisionState, params: OIMParams) -> VisionState:
 
     def merge(image: ImageTokens):
         t = image.grid[0]
-        k = image.metric() if params.metric == "keys" else image.hidden.float().mean(dim=3)
-        x, s, p = image.hidden, image.sizes, image.positions
+        x, s, p, k = image.hidden, image.sizes, image.positions, image.metric(params.metric)
         if params.axis == "height":  # lines run down the columns
             x, s, p, k = (v.transpose(1, 2) for v in (x, s, p, k))
         lines = x.shape[0] * x.shape[1]
