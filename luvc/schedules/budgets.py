@@ -17,12 +17,13 @@ any other depth or grid (the fidelity benchmark does so for its model).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 from luvc.registry import get_registry
-from luvc.schedules.loader import params_of
+from luvc.schedules.loader import load_schedule, params_of
 from luvc.schedules.placement import resolve_positions
 from luvc.schedules.schema import Schedule
 
@@ -63,15 +64,26 @@ def _step(transform: str, at, **params) -> dict:
     return {"transform": transform, "at": at, "params": params}
 
 
+@functools.cache
+def _luvc_default_parts() -> tuple[list[dict], dict]:
+    """``luvc-default``'s vision steps and its SPU scoring (everything but ``keep``), read once."""
+    default = load_schedule("luvc-default").model_dump(mode="json")
+    scoring = {k: v for k, v in default["llm"][0]["params"].items() if k != "keep"}
+    return default["vision"], scoring
+
+
+def _luvc_template(q: float) -> dict:
+    """luvc-default's parts (its merge, its SPU scoring, nothing at the last layer), with a four-step
+    cascade so that one keep fraction reaches every budget down to a ninth."""
+    vision, scoring = _luvc_default_parts()
+    return {"eliminate_visual": True, "vision": vision,
+            "llm": [_step("spectrum_prune", [0.1, 0.25, 0.4, 0.55], keep=round(q, 4), **scoring),
+                    _step("spectrum_prune", -1, keep=0.0)]}
+
+
 #: method -> (knob range, schedule as a function of the knob). Defaults follow each method's paper.
 TEMPLATES: dict[str, tuple[tuple[float, float], Callable[[float], dict]]] = {
-    # luvc-default's parts (a light merge, detail-scoring SPU, nothing at the last layer), with a
-    # four-step cascade so that one keep fraction reaches every budget down to a ninth.
-    "luvc": ((0.0, 1.0), lambda q: {
-        "eliminate_visual": True,
-        "vision": [_step("orthogonal_merge", 0.75, ratio=0.125)],
-        "llm": [_step("spectrum_prune", [0.1, 0.25, 0.4, 0.55], keep=round(q, 4), axis="sequence", band="high"),
-                _step("spectrum_prune", -1, keep=0.0)]}),
+    "luvc": ((0.0, 1.0), _luvc_template),
     "fastv": ((0.0, 1.0), lambda q: {"llm": [_step("fastv", 2, keep=round(q, 4))]}),
     "pyramid_drop": ((0.0, 1.0), lambda q: {"llm": [_step("pyramid_drop", [0.0625, 0.25, 0.5], keep=round(q, 4))]}),
     "dart": ((0.0, 1.0), lambda q: {"llm": [_step("dart", 2, keep=round(q, 4), pivots=4)]}),
