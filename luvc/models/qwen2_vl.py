@@ -8,6 +8,11 @@
 * The LLM sees ``t * h' * w'`` placeholders per image: the caller's
   placeholder runs are shortened to the merged grid and M-RoPE positions are
   computed by the model's own ``get_rope_index`` on that grid.
+* An image a transform lays out as one row (``(t, 1, n)``: VisionZip, ToMe)
+  is no longer a grid, so its tokens keep the height and width positions of
+  the cells they come from (a merged token: the cell of its size-weighted
+  centre), and the text after it keeps its uncompressed positions. A row's
+  own positions would move that text by ``n`` instead of the image's side.
 """
 
 from __future__ import annotations
@@ -152,6 +157,27 @@ class Qwen2VLAdapter:
         model.model.rope_deltas = None
 
 
+def restore_cells(positions: Tensor, placed: Tensor, out) -> None:
+    """Give the tokens of each row-laid image (``out.luvc_grids`` ``(t, 1, n)`` from a taller source
+    grid) their own cells' height and width positions, in place, and move the rest of its sequence row
+    to where the uncompressed image would have left it. ``placed``: [N, 2] (row, index) of the
+    modality's placeholders in order."""
+    start = 0
+    for (_, height, _), source, cells in zip(out.luvc_grids, out.luvc_source_grids, out.luvc_cells):
+        n = len(cells)
+        b, at = placed[start, 0], placed[start:start + n, 1]
+        start += n
+        if height != 1 or source[1] == 1:
+            continue
+        block = positions[:, b, at]
+        first = block[1, 0]  # a one-row grid: every token's height position is the image's start
+        before = block.max()
+        block[1:] = first + cells.T.to(block)
+        after = torch.maximum(block[0].max(), first + max(source[1], source[2]) - 1)
+        positions[:, b, at] = block
+        positions[:, b, at[-1] + 1:] += after - before
+
+
 class CompiledQwen2VLModel(CompiledVLM):
     """Compiled Qwen2-VL inner model: encodes through the vision section, M-RoPE from merged grids."""
 
@@ -179,7 +205,10 @@ class CompiledQwen2VLModel(CompiledVLM):
         )
         state = self._luvc_sections[0](state)
         merged = torch.tensor([(t, h * m, w * m) for t, h, w in state.grids], device=grid_thw.device)
-        return vision_output(state, [t * h * w for t, h, w in grids], luvc_grid_thw=merged)
+        cells = torch.split(torch.div(state.positions, m, rounding_mode="floor").long(),
+                            [t * h * w for t, h, w in state.grids])
+        return vision_output(state, [t * h * w for t, h, w in grids], luvc_grid_thw=merged,
+                             luvc_grids=list(state.grids), luvc_source_grids=list(grids), luvc_cells=list(cells))
 
     def _luvc_positions(self, ids, valid, encoded, position_ids, rebuilt, kwargs):
         batch = ids.shape[0]
@@ -189,6 +218,9 @@ class CompiledQwen2VLModel(CompiledVLM):
             rope = {k: kwargs[k] for k in self._luvc_rope_kwargs if kwargs.get(k) is not None}
             positions, _ = self.get_rope_index(ids, mm_token_type_ids=token_type, attention_mask=valid.long(),
                                                **grids, **rope)
+            for kind, out in encoded.items():
+                placed = (ids == getattr(self.config, self._luvc_placeholders[kind])).nonzero()
+                restore_cells(positions, placed, out)
             return positions
         if position_ids is None:
             return torch.arange(ids.shape[1], device=ids.device).expand(3, batch, -1)

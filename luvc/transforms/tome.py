@@ -18,8 +18,8 @@ How luvc reads it:
 * ``r = min(round(ratio * n), n // 2, n - min_size)`` units per frame.
 * Surviving tokens keep their original order (the reference orders them
   ``[unmerged A, B]``). The image stops being a grid: the LLM sees each image
-  as one row of tokens, so M-RoPE gives them consecutive positions in that
-  row (LLaVA's 1-D positions are unaffected).
+  as one row of tokens, each at the M-RoPE position of the cell holding its
+  size-weighted centre (LLaVA's 1-D positions are unaffected).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ How luvc reads it:
 * ``keep`` is the fraction of units kept in all, ``contextual`` the share of
   those that are contextual (VisionZip's 54 + 10 of 576 is keep 0.111,
   contextual 0.16). The image stops being a grid: the LLM sees its tokens as
-  one row (M-RoPE gives them consecutive positions; LLaVA is unaffected).
+  one row, each at the M-RoPE position of the cell it comes from (a
+  contextual token: its size-weighted centre), as the reference keeps the
+  position ids of the tokens it keeps; LLaVA's 1-D positions are unaffected.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy_without_cache
+from conftest import generate, greedy_without_cache
 
 import luvc
 from luvc.models import find_adapter
@@ -192,3 +192,18 @@ def test_without_a_class_token_patches_are_ranked_by_attention_received():
     probs = (torch.einsum("bqhd,bkhd->bhqk", q.view(2, 6, 2, 4), k.view(2, 6, 2, 4)) * 0.5).softmax(-1)
     torch.testing.assert_close(received, probs.mean(dim=(1, 2)).reshape(-1))
     assert keys.shape == (12, 4)
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl-tiny", "qwen2.5-vl-tiny"])
+def test_a_row_laid_image_keeps_its_cells_positions(family, mixed_batch_inputs):
+    """VisionZip keeping every unit lays each image out as one row; its tokens keep their cells' M-RoPE
+    positions and the text after it keeps its own, so logits and generation equal the uncompiled model's."""
+    model = build_model(family)
+    ref_logits = model(**mixed_batch_inputs).logits
+    ref_tokens = generate(model, mixed_batch_inputs)
+    luvc.compile(model, _schedule("vision", "visionzip", 1.0, keep=1.0, contextual=0.0))
+    encoded = model.model.get_image_features(mixed_batch_inputs["pixel_values"], mixed_batch_inputs["image_grid_thw"])
+    assert [h for _, h, _ in encoded.luvc_grids] == [1, 1, 1]
+    real = mixed_batch_inputs["attention_mask"].bool()
+    torch.testing.assert_close(model(**mixed_batch_inputs).logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, mixed_batch_inputs), ref_tokens)
