@@ -99,7 +99,17 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
+def task_of_question(question: str) -> str:
+    """The task whose template ``question`` follows (a colour item's relation questions are ``spatial``)."""
+    opening = question.split()[:2]
+    for task, template in zip(TASKS, _question_templates()):
+        if template.split()[:2] == opening:
+            return task
+    raise ValueError(f"{question!r} follows none of the task templates")
+
+
 def _question_templates() -> list[str]:
+    """One per task, in ``TASKS`` order."""
     return [
         "what digit is on the label ?",
         "what is the value of the bar ?",

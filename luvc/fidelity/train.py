@@ -20,7 +20,7 @@ import torch
 import typer
 
 from luvc.fidelity.model import CHECKPOINT, PATCH, build_tokenizer, encode, new_model
-from luvc.fidelity.tasks import PHOTO, REGIONS, TASKS, Item, items
+from luvc.fidelity.tasks import PHOTO, REGIONS, TASKS, Item, items, task_of_question
 
 
 def shrink(item: Item, size: int) -> Item:
@@ -45,6 +45,36 @@ def patch_regions(item: Item, cover: float = 0.25) -> np.ndarray:
     counts[:, 0] = 0
     best = counts.argmax(1)
     return np.where(counts.max(1) >= cover * PATCH * PATCH, best, 0)
+
+
+def answer_loss_per_task(logits: torch.Tensor, labels: torch.Tensor, batch_items: list[Item],
+                         tokenizer) -> dict[str, torch.Tensor]:
+    """Mean next-token loss over the answer (and end) tokens of each task's questions.
+
+    A question counts for the task whose template it follows, whatever item
+    asks it: a colour item's relation questions train ``spatial``.
+    """
+    predicted, target = logits[:, :-1], labels[:, 1:]
+    answered = target != -100
+    losses = torch.nn.functional.cross_entropy(predicted[answered], target[answered], reduction="none")
+    kinds = [task_of_question(question)  # labels run row by row, each row's questions in order
+             for item in batch_items for question, answer in [(item.question, item.answer), *item.more]
+             for _ in range(len(tokenizer.encode(answer, add_special_tokens=False)) + 1)]
+    if len(kinds) != len(losses):
+        raise AssertionError(f"{len(losses)} answer tokens in the batch, {len(kinds)} from its questions")
+    return {task: losses[[k == task for k in kinds]].mean() for task in TASKS if task in kinds}
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """``"text:1,chart:7"`` -> weights per task; unnamed tasks weigh 1."""
+    weights = dict.fromkeys(TASKS, 1.0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, _, value = part.partition(":")
+        if task not in TASKS or not value:
+            raise typer.BadParameter(f"{part!r}: expected TASK:WEIGHT with TASK one of {', '.join(TASKS)}",
+                                     param_hint="--task-weights")
+        weights[task] = float(value)
+    return weights
 
 
 def answer_accuracy(model, tokenizer, batch_items, batch_size: int = 50) -> dict[str, float]:
@@ -79,6 +109,8 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           label_tiles: str = typer.Option("4:500,2:900", help="curriculum: TILES:UNTIL_STEP,... text labels printed "
                                           "as TILES x TILES blocks before UNTIL_STEP, single cells after"),
           region_weight: float = typer.Option(1.0, help="weight of the per-visual-token region loss"),
+          task_weights: str = typer.Option("text:1,chart:7,count:3,color:4,spatial:5",
+                                           help="TASK:WEIGHT,...: share of each task in the answer loss"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
 
@@ -89,6 +121,11 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     evaluation uses; text labels first printed over blocks of cells, then on
     the single cell every evaluation uses (from scratch, an answer on one
     token of 256 stays at chance: nothing tells the model where to look).
+
+    The answer loss is a weighted mean of per-task means (``--task-weights``),
+    not a mean over answer tokens: an image asks up to nine questions of some
+    tasks and one of others, and a token mean lets the tasks with the most
+    questions take the gradient whatever they still have to learn.
 
     Besides the answers, every visual token leaving the vision tower is
     supervised with what its patch shows (``tasks.REGIONS``: a digit, a bar
@@ -118,6 +155,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    shares = parse_task_weights(task_weights)
     chosen = tuple(t.strip() for t in tasks.split(","))
     unknown = sorted(set(chosen) - set(TASKS))
     if unknown:
@@ -136,7 +174,9 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
             batch_items = [shrink(item, small_size) for item in batch_items]
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
         features.clear()
-        answer_loss = model(**inputs).loss
+        labels = inputs.pop("labels")
+        per_task = answer_loss_per_task(model(**inputs).logits, labels, batch_items, tokenizer)
+        answer_loss = sum(shares[t] * loss for t, loss in per_task.items()) / sum(shares[t] for t in per_task)
         target = torch.from_numpy(np.concatenate([patch_regions(item) for item in batch_items]))
         region_loss = torch.nn.functional.cross_entropy(probe(features[0]), target, weight=weights)
         loss = answer_loss + region_weight * region_loss
@@ -146,6 +186,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": round(answer_loss.item(), 4), "region_loss": round(region_loss.item(), 4),
+               "tasks": {t: round(loss.item(), 3) for t, loss in per_task.items()},
                "photo": round(photo, 3), "tiles": tiles,
                "minutes": round((time.time() - started) / 60, 2)}
         if (step + 1) % eval_every == 0 or step + 1 == steps:
