@@ -1,0 +1,51 @@
+"""The fidelity training loss: each task's questions form one mean, whatever item asks them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import typer
+
+from luvc.fidelity.model import build_tokenizer, encode, fidelity_config
+from luvc.fidelity.tasks import TASKS, items, task_of_question
+from luvc.fidelity.train import answer_loss_per_task, parse_task_weights
+
+
+def test_every_question_belongs_to_the_task_of_its_template():
+    batch = items("train", 10)
+    assert [task_of_question(item.question) for item in batch] == [item.task for item in batch]
+    spatial = next(item for item in batch if item.task == "spatial")
+    assert [task_of_question(q) for q, _ in spatial.more] == ["spatial", "color", "color"]
+    with pytest.raises(ValueError, match="none of the task templates"):
+        task_of_question("is this a question ?")
+
+
+def test_per_task_losses_are_means_over_each_tasks_answer_tokens():
+    config, tokenizer = fidelity_config(), build_tokenizer()
+    batch = items("train", 10)
+    inputs = encode(batch, tokenizer, config, with_answers=True)
+    torch.manual_seed(0)
+    logits = torch.randn(*inputs["input_ids"].shape, config.text_config.vocab_size)
+    per_task = answer_loss_per_task(logits, inputs["labels"], batch, tokenizer)
+    assert set(per_task) == set(TASKS)
+    # Text items ask one question: the text mean is over their answer tokens, by hand.
+    target = inputs["labels"][:, 1:]
+    texts = torch.tensor([item.task == "text" for item in batch])[:, None] & (target != -100)
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1][texts], target[texts])
+    torch.testing.assert_close(per_task["text"], by_hand)
+    # The token mean the model computes weighs tasks by how many answer tokens they have; the
+    # per-task means do not.
+    counts = {t: 0 for t in TASKS}
+    for item in batch:
+        for question, answer in [(item.question, item.answer), *item.more]:
+            counts[task_of_question(question)] += len(tokenizer.encode(answer, add_special_tokens=False)) + 1
+    token_mean = sum(per_task[t] * counts[t] for t in TASKS) / sum(counts.values())
+    torch.testing.assert_close(token_mean, torch.nn.functional.cross_entropy(
+        logits[:, :-1][target != -100], target[target != -100]))
+
+
+def test_task_weights_parse_and_refuse_unknown_tasks():
+    assert parse_task_weights("chart:7, spatial:5") == {"text": 1.0, "chart": 7.0, "count": 1.0, "color": 1.0,
+                                                          "spatial": 5.0}
+    with pytest.raises(typer.BadParameter, match="TASK:WEIGHT"):
+        parse_task_weights("charts:7")
