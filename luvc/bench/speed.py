@@ -25,6 +25,7 @@ from PIL import Image
 import luvc
 from luvc.bench.memory import kv_cache_bytes, peak_memory
 from luvc.measure import Timing, count_flops, time_call
+from luvc.models.llm import CACHE_KWARG
 from luvc.zoo import build_model, sample_image, vlm_inputs
 
 RATIO_FIELDS = ("vision_flops", "llm_flops", "total_flops", "vision_s", "llm_prefill_s", "ttft_s",
@@ -109,7 +110,7 @@ def measure(model, inputs: dict, schedule: str, spec: BenchInput, repeats: int, 
         llm_t = time_call(prefill, repeats=repeats, warmup=warmup)
         llm_rows = [row for row in luvc.ledger(model) if row.site == "llm"]
         first = prefill(use_cache=True)
-        cache = first.past_key_values
+        cache = getattr(first, CACHE_KWARG)
         kv_bytes = kv_cache_bytes(cache)
         decode_t = time_call(_decoder(model, text_kw, first, new_tokens), repeats=repeats, warmup=warmup)
         peak = peak_memory(lambda: model(**inputs, use_cache=False, logits_to_keep=1), device)
@@ -136,11 +137,11 @@ def _decoder(model, text_kw: dict, first, steps: int) -> Callable[[], None]:
     mask = text_kw.get("attention_mask")
 
     def run() -> None:
-        cache = copy.deepcopy(first.past_key_values)
+        cache = copy.deepcopy(getattr(first, CACHE_KWARG))
         token, m = start, mask
         for _ in range(steps):
             m = torch.cat([m, torch.ones_like(token)], dim=1) if m is not None else None
-            out = model(input_ids=token, attention_mask=m, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=token, attention_mask=m, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: cache})
             token = out.logits[:, -1].argmax(-1, keepdim=True)
 
     return run

@@ -12,12 +12,17 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import transformers
+from packaging.version import Version
 from torch import Tensor, nn
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.sized_attention import log_sizes
 from luvc.state import LLMState
+
+#: The keyword transformers' decoder layers and models take the KV cache under (``cache`` from 5.24).
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
@@ -155,8 +160,8 @@ class DecoderLayerNode(StackNode):
             attention_mask=masks[key][1],
             position_embeddings=state.scratch[self.rope_key],
             position_ids=None,
-            past_key_values=state.cache,
             use_cache=state.cache is not None,
+            **{CACHE_KWARG: state.cache},
         )
         return _with_hidden(state, hidden)
 

@@ -8,12 +8,18 @@ which forward keywords carry pixels, and how position ids are made.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+
+try:  # transformers >= 5.24: multimodal inner models return their encoder outputs too
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _InnerOutput
+except ImportError:
+    _InnerOutput = BaseModelOutputWithPast
 
 from luvc.errors import CompileError
 from luvc.models.llm import CacheRecord, placeholder_keep, right_align, scatter_to_caller
@@ -61,7 +67,7 @@ class CompiledVLM:
     #: forward keywords that carry pixels (or their grids) for each modality
     _luvc_pixel_kwargs: dict[str, tuple[str, ...]] = {"image": ("pixel_values",)}
     #: what the family's inner forward returns (its outer forward reads its fields)
-    _luvc_output_class: type = BaseModelOutputWithPast
+    _luvc_output_class: type = _InnerOutput
 
     def _luvc_positions(self, ids: Tensor, valid: Tensor, encoded: dict, position_ids: Tensor | None,
                         rebuilt: bool, kwargs: dict) -> Tensor:
@@ -83,8 +89,18 @@ class CompiledVLM:
                 encoded[kind] = encoder(*(kwargs.get(name) for name in names))
         return encoded
 
+    def _luvc_output(self, hidden: Tensor, cache, encoded: dict | None = None):
+        """The family's inner output; the cache under whichever name this transformers uses."""
+        fields = {f.name for f in dataclasses.fields(self._luvc_output_class)}
+        out = {"last_hidden_state": hidden, "cache" if "cache" in fields else "past_key_values": cache}
+        out.update({f"{kind}_outputs": (encoded or {}).get(kind) for kind in ("image", "video")
+                    if f"{kind}_outputs" in fields})
+        return self._luvc_output_class(**out)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, mm_encoder_outputs=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, mm_encoder_outputs=None, cache=None,
+                **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values  # renamed in transformers 5.24
         wanted = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
         if wanted:
             raise CompileError(
@@ -105,8 +121,7 @@ class CompiledVLM:
         state = self._luvc_sections[1](state)
         ledger = [row for out in encoded.values() for row in getattr(out, "luvc_ledger", [])] + state.log
         self.__dict__["luvc_ledger"] = ledger
-        return self._luvc_output_class(last_hidden_state=scatter_to_caller(state, length),
-                                       past_key_values=past_key_values)
+        return self._luvc_output(scatter_to_caller(state, length), past_key_values, encoded)
 
     def _luvc_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs):
         token_ids = {kind: getattr(self.config, attr) for kind, attr in self._luvc_placeholders.items()}
@@ -166,7 +181,7 @@ class CompiledVLM:
                          torch.arange(q, device=embeds.device).expand(batch, -1), cache=cache, decoding=True,
                          sizes=sizes)
         state = self._luvc_sections[1](state)
-        return self._luvc_output_class(last_hidden_state=scatter_to_caller(state, q), past_key_values=cache)
+        return self._luvc_output(scatter_to_caller(state, q), cache)
 
 
 class ExpandingGeneration:
