@@ -157,13 +157,14 @@ class Qwen2VLAdapter:
         model.model.rope_deltas = None
 
 
-def restore_cells(positions: Tensor, placed: Tensor, out) -> None:
-    """Give the tokens of each row-laid image (``out.luvc_grids`` ``(t, 1, n)`` from a taller source
-    grid) their own cells' height and width positions, in place, and move the rest of its sequence row
-    to where the uncompressed image would have left it. ``placed``: [N, 2] (row, index) of the
-    modality's placeholders in order."""
+def restore_cells(positions: Tensor, placed: Tensor, out, merge: int) -> None:
+    """Give the tokens of each row-laid image (merged grid ``(t, 1, n)`` from a taller source grid)
+    their own cells' height and width positions, in place, and move the rest of its sequence row to
+    where the uncompressed image would have left it. ``placed``: [N, 2] (row, index) of the
+    modality's placeholders in order; ``merge``: patches per LLM token along a side."""
     start = 0
-    for (_, height, _), source, cells in zip(out.luvc_grids, out.luvc_source_grids, out.luvc_cells):
+    heights = (out.luvc_grid_thw[:, 1] // merge).tolist()
+    for height, source, cells in zip(heights, out.luvc_source_grids, out.luvc_cells):
         n = len(cells)
         b, at = placed[start, 0], placed[start:start + n, 1]
         start += n
@@ -208,7 +209,7 @@ class CompiledQwen2VLModel(CompiledVLM):
         cells = torch.split(torch.div(state.positions, m, rounding_mode="floor").long(),
                             [t * h * w for t, h, w in state.grids])
         return vision_output(state, [t * h * w for t, h, w in grids], luvc_grid_thw=merged,
-                             luvc_grids=list(state.grids), luvc_source_grids=list(grids), luvc_cells=list(cells))
+                             luvc_source_grids=list(grids), luvc_cells=list(cells))
 
     def _luvc_positions(self, ids, valid, encoded, position_ids, rebuilt, kwargs):
         batch = ids.shape[0]
@@ -220,7 +221,7 @@ class CompiledQwen2VLModel(CompiledVLM):
                                                **grids, **rope)
             for kind, out in encoded.items():
                 placed = (ids == getattr(self.config, self._luvc_placeholders[kind])).nonzero()
-                restore_cells(positions, placed, out)
+                restore_cells(positions, placed, out, self.visual.spatial_merge_size)
             return positions
         if position_ids is None:
             return torch.arange(ids.shape[1], device=ids.device).expand(3, batch, -1)

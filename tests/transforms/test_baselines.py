@@ -203,7 +203,7 @@ def test_a_row_laid_image_keeps_its_cells_positions(family, mixed_batch_inputs):
     ref_tokens = generate(model, mixed_batch_inputs)
     luvc.compile(model, _schedule("vision", "visionzip", 1.0, keep=1.0, contextual=0.0))
     encoded = model.model.get_image_features(mixed_batch_inputs["pixel_values"], mixed_batch_inputs["image_grid_thw"])
-    assert [h for _, h, _ in encoded.luvc_grids] == [1, 1, 1]
+    assert encoded.luvc_grid_thw[:, 1].tolist() == [model.config.vision_config.spatial_merge_size] * 3
     real = mixed_batch_inputs["attention_mask"].bool()
     torch.testing.assert_close(model(**mixed_batch_inputs).logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, mixed_batch_inputs), ref_tokens)
