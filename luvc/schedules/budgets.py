@@ -65,19 +65,22 @@ def _step(transform: str, at, **params) -> dict:
 
 
 @functools.cache
-def _luvc_default_parts() -> tuple[list[dict], dict]:
-    """``luvc-default``'s vision steps and its SPU scoring (everything but ``keep``), read once."""
+def _luvc_default_parts() -> tuple[list[dict], dict, list]:
+    """``luvc-default``'s vision steps, its SPU scoring (everything but ``keep``) and its cascade's
+    positions, read once."""
     default = load_schedule("luvc-default").model_dump(mode="json")
-    scoring = {k: v for k, v in default["llm"][0]["params"].items() if k != "keep"}
-    return default["vision"], scoring
+    cascade = default["llm"][0]
+    scoring = {k: v for k, v in cascade["params"].items() if k != "keep"}
+    return default["vision"], scoring, cascade["at"]
 
 
 def _luvc_template(q: float) -> dict:
-    """luvc-default's parts (its merge, its SPU scoring, nothing at the last layer), with a four-step
-    cascade so that one keep fraction reaches every budget down to a ninth."""
-    vision, scoring = _luvc_default_parts()
+    """``luvc-default`` with its cascade's keep fraction as the knob (its merge, its scoring, its
+    positions, none at the last layer): the cascade starts before the first layer, so one keep
+    fraction reaches every budget down to a ninth at any depth."""
+    vision, scoring, at = _luvc_default_parts()
     return {"eliminate_visual": True, "vision": vision,
-            "llm": [_step("spectrum_prune", [0.1, 0.25, 0.4, 0.55], keep=round(q, 4), **scoring),
+            "llm": [_step("spectrum_prune", at, keep=round(q, 4), **scoring),
                     _step("spectrum_prune", -1, keep=0.0)]}
 
 
