@@ -72,3 +72,15 @@ def test_run_time_budget_equals_the_plan_at_the_reference_depth(method):
     layers = [r for r in luvc.ledger(model) if r.site == "llm" and r.node.startswith("llm.layers.")]
     measured = sum(r.visual[0] for r in layers) / len(layers)
     assert measured == pytest.approx(planned_budget(load_schedule(f"{method}-quarter"), **REFERENCE))
+
+
+@pytest.mark.parametrize("budget", list(BUDGETS))
+def test_luvc_matched_presets_are_the_default_with_its_keep_solved(budget):
+    """A luvc row in a comparison measures luvc-default's own design at another keep fraction."""
+    default = load_schedule("luvc-default").model_dump(mode="json")
+    matched = matched_schedule("luvc", budget, llm_depth=8, vision_depth=4, grid=(1, 16, 16)).model_dump(mode="json")
+    assert matched["vision"] == default["vision"] and matched["llm"][1:] == default["llm"][1:]
+    (got, want) = (matched["llm"][0], default["llm"][0])
+    assert got["at"] == want["at"] and got["params"]["keep"] > 0
+    assert {k: v for k, v in got["params"].items() if k != "keep"} == \
+        {k: v for k, v in want["params"].items() if k != "keep"}
