@@ -48,21 +48,32 @@ def patch_regions(item: Item, cover: float = 0.25) -> np.ndarray:
 
 
 def answer_loss_per_task(logits: torch.Tensor, labels: torch.Tensor, batch_items: list[Item],
-                         tokenizer) -> dict[str, torch.Tensor]:
+                         tokenizer, first_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Mean next-token loss over the answer (and end) tokens of each task's questions.
 
     A question counts for the task whose template it follows, whatever item
-    asks it: a colour item's relation questions train ``spatial``.
+    asks it: a colour item's relation questions train ``spatial``. The first
+    question of each row weighs ``first_weight`` times the others: evaluation
+    asks one question per image, and a later question in a training row can
+    read what the earlier ones gathered, so it is easier and would otherwise
+    carry most of the task's weight.
     """
     predicted, target = logits[:, :-1], labels[:, 1:]
     answered = target != -100
     losses = torch.nn.functional.cross_entropy(predicted[answered], target[answered], reduction="none")
-    kinds = [task_of_question(question)  # labels run row by row, each row's questions in order
-             for item in batch_items for question, answer in [(item.question, item.answer), *item.more]
+    asked = [(task_of_question(question), first_weight if n == 0 else 1.0)  # labels run row by row
+             for item in batch_items for n, (question, answer) in enumerate([(item.question, item.answer), *item.more])
              for _ in range(len(tokenizer.encode(answer, add_special_tokens=False)) + 1)]
-    if len(kinds) != len(losses):
-        raise AssertionError(f"{len(losses)} answer tokens in the batch, {len(kinds)} from its questions")
-    return {task: losses[[k == task for k in kinds]].mean() for task in TASKS if task in kinds}
+    if len(asked) != len(losses):
+        raise AssertionError(f"{len(losses)} answer tokens in the batch, {len(asked)} from its questions")
+    kinds = [kind for kind, _ in asked]
+    weights = torch.tensor([weight for _, weight in asked])
+    out = {}
+    for task in TASKS:
+        mine = torch.tensor([k == task for k in kinds])
+        if mine.any():
+            out[task] = (losses[mine] * weights[mine]).sum() / weights[mine].sum()
+    return out
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
@@ -111,6 +122,8 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           region_weight: float = typer.Option(1.0, help="weight of the per-visual-token region loss"),
           task_weights: str = typer.Option("text:1,chart:7,count:3,color:4,spatial:5",
                                            help="TASK:WEIGHT,...: share of each task in the answer loss"),
+          first_weight: float = typer.Option(1.0, help="weight of each row's first question against its others "
+                                             "(evaluation asks only the first)"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
 
@@ -175,7 +188,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
         features.clear()
         labels = inputs.pop("labels")
-        per_task = answer_loss_per_task(model(**inputs).logits, labels, batch_items, tokenizer)
+        per_task = answer_loss_per_task(model(**inputs).logits, labels, batch_items, tokenizer, first_weight)
         answer_loss = sum(shares[t] * loss for t, loss in per_task.items()) / sum(shares[t] for t in per_task)
         target = torch.from_numpy(np.concatenate([patch_regions(item) for item in batch_items]))
         region_loss = torch.nn.functional.cross_entropy(probe(features[0]), target, weight=weights)

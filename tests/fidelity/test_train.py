@@ -1,4 +1,5 @@
-"""The fidelity training loss: each task's questions form one mean, whatever item asks them."""
+"""The fidelity training loss: each task's questions form one mean, whatever item asks them,
+with each row's first question weighted as evaluation asks it."""
 
 from __future__ import annotations
 
@@ -42,6 +43,34 @@ def test_per_task_losses_are_means_over_each_tasks_answer_tokens():
     token_mean = sum(per_task[t] * counts[t] for t in TASKS) / sum(counts.values())
     torch.testing.assert_close(token_mean, torch.nn.functional.cross_entropy(
         logits[:, :-1][target != -100], target[target != -100]))
+
+
+def test_first_weight_counts_each_rows_first_question_that_many_times():
+    config, tokenizer = fidelity_config(), build_tokenizer()
+    batch = [item for item in items("train", 10) if item.task == "color"]
+    inputs = encode(batch, tokenizer, config, with_answers=True)
+    torch.manual_seed(0)
+    logits = torch.randn(*inputs["input_ids"].shape, config.text_config.vocab_size)
+    target = inputs["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
+                                               reduction="none")
+    # A colour item's row starts with a colour question: its answer and end token come first.
+    first, rest = [], []
+    for row, item in enumerate(batch):
+        answered = (target[row] != -100).nonzero().flatten()
+        spans = [len(tokenizer.encode(a, add_special_tokens=False)) + 1
+                 for _, a in [(item.question, item.answer), *item.more]]
+        kinds = [task_of_question(q) for q, _ in [(item.question, item.answer), *item.more]]
+        start = 0
+        for n, (span, kind) in enumerate(zip(spans, kinds)):
+            if kind == "color":
+                (first if n == 0 else rest).extend(losses[row, answered[start:start + span]].tolist())
+            start += span
+    by_hand = (3 * sum(first) + sum(rest)) / (3 * len(first) + len(rest))
+    per_task = answer_loss_per_task(logits, inputs["labels"], batch, tokenizer, first_weight=3.0)
+    torch.testing.assert_close(per_task["color"].item(), by_hand, rtol=1e-5, atol=1e-6)
+    plain = answer_loss_per_task(logits, inputs["labels"], batch, tokenizer)["color"].item()
+    assert plain == pytest.approx((sum(first) + sum(rest)) / (len(first) + len(rest)), rel=1e-5)
 
 
 def test_task_weights_parse_and_refuse_unknown_tasks():
