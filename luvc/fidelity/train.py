@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import typer
 
-from luvc.fidelity.model import CHECKPOINT, PATCH, build_tokenizer, encode, new_model
+from luvc.fidelity.model import CHECKPOINT, PATCH, build_tokenizer, encode, load_model, new_model
 from luvc.fidelity.tasks import PHOTO, REGIONS, TASKS, Item, items, task_of_question
 
 
@@ -124,7 +124,9 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
                                            help="TASK:WEIGHT,...: share of each task in the answer loss"),
           first_weight: float = typer.Option(1.0, help="weight of each row's first question against its others "
                                              "(evaluation asks only the first)"),
-          tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on")) -> None:
+          tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on"),
+          init: Path | None = typer.Option(None, help="continue training this checkpoint: its training log is "
+                                           "carried over, steps and items count on from its last step")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
 
     Curriculum: optionally smaller images first (Qwen2-VL takes any size: fewer
@@ -149,7 +151,14 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = new_model(seed).train()
+    earlier: list[str] = []
+    if init is None:
+        model = new_model(seed).train()
+    else:
+        model = load_model(init).train()
+        logged = init / "training_log.jsonl"
+        earlier = logged.read_text().splitlines() if logged.exists() else []
+    done = json.loads(earlier[-1])["step"] if earlier else 0  # curriculum and items continue from here
     probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(REGIONS))
     features: list[torch.Tensor] = []
     model.model.visual.merger.register_forward_hook(lambda module, args, out: features.append(out))
@@ -178,12 +187,14 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
                             (part.split(":") for part in label_tiles.split(",") if part.strip()))
     val = items("val", 250, tasks=chosen)
     log = (out / "training_log.jsonl").open("w")
+    log.writelines(line + "\n" for line in earlier)
     started = time.time()
     for step in range(steps):
-        photo = PHOTO * min(1.0, max(0.0, (step - flat_steps) / max(1, fade_steps)))
-        tiles = next((t for until, t in label_schedule if step < until), 1)
-        batch_items = items("train", batch, tasks=chosen, start=step * batch, photo=photo, tiles=tiles)
-        if step < small_steps:
+        seen = done + step
+        photo = PHOTO * min(1.0, max(0.0, (seen - flat_steps) / max(1, fade_steps)))
+        tiles = next((t for until, t in label_schedule if seen < until), 1)
+        batch_items = items("train", batch, tasks=chosen, start=seen * batch, photo=photo, tiles=tiles)
+        if seen < small_steps:
             batch_items = [shrink(item, small_size) for item in batch_items]
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
         features.clear()
@@ -198,7 +209,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"step": step + 1, "loss": round(answer_loss.item(), 4), "region_loss": round(region_loss.item(), 4),
+        row = {"step": seen + 1, "loss": round(answer_loss.item(), 4), "region_loss": round(region_loss.item(), 4),
                "tasks": {t: round(loss.item(), 3) for t, loss in per_task.items()},
                "photo": round(photo, 3), "tiles": tiles,
                "minutes": round((time.time() - started) / 60, 2)}

@@ -3,6 +3,10 @@ with each row's first question weighted as evaluation asks it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 import typer
@@ -78,3 +82,18 @@ def test_task_weights_parse_and_refuse_unknown_tasks():
                                                           "spatial": 5.0}
     with pytest.raises(typer.BadParameter, match="TASK:WEIGHT"):
         parse_task_weights("charts:7")
+
+
+def test_training_continues_a_checkpoint_with_its_log_and_its_item_numbering(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--batch", "3", "--eval-every", "2", "--threads", "1", "--tasks", "text"]
+    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(first), "--steps", "2", *common],
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(second), "--steps", "1",
+                    "--init", str(first), *common], check=True, capture_output=True)
+    earlier = (first / "training_log.jsonl").read_text().splitlines()
+    rows = (second / "training_log.jsonl").read_text().splitlines()
+    assert rows[:2] == earlier
+    assert [json.loads(row)["step"] for row in rows] == [1, 2, 3]
+    assert "val" in json.loads(rows[-1])
+    assert (second / "model.safetensors").exists()
