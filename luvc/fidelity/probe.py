@@ -15,12 +15,13 @@ CPU budget, whatever the LLM does.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 import typer
 
-from luvc.fidelity.model import PATCH, new_model, patchify
+from luvc.fidelity.model import PATCH, load_model, new_model, patchify
 from luvc.fidelity.tasks import PHOTO, REGIONS, SIZE, TASKS, items
 from luvc.fidelity.train import patch_regions
 
@@ -38,15 +39,21 @@ def region_group(name: str) -> str:
 
 def probe_accuracy(steps: int = 300, tasks: tuple[str, ...] = TASKS, read: str = "merger", batch: int = 12,
                    lr: float = 2e-3, val_count: int = 100, report_every: int = 100, seed: int = 0,
-                   report=print) -> dict[str, float | None]:
+                   report=print, checkpoint: Path | None = None) -> dict[str, float | None]:
     """Train the tower and probe for ``steps``; return (and ``report`` every ``report_every`` steps) the
-    probe's accuracy per region group on ``val_count`` validation images (None: no patch of that group)."""
+    probe's accuracy per region group on ``val_count`` validation images (None: no patch of that group).
+
+    With ``checkpoint``, the trained model's tower is read frozen and only the
+    probe trains: what its visual tokens already say, linearly.
+    """
     if read not in READS:
         raise ValueError(f"unknown read point {read!r}; one of {', '.join(READS)}")
-    model = new_model(seed)
+    model = new_model(seed) if checkpoint is None else load_model(checkpoint)
     visual = model.model.visual
+    visual.requires_grad_(checkpoint is None)
     probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(REGIONS))
-    optimizer = torch.optim.AdamW(list(visual.parameters()) + list(probe.parameters()), lr=lr, weight_decay=0.05)
+    trained = list(probe.parameters()) + (list(visual.parameters()) if checkpoint is None else [])
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.05)
     weights = torch.ones(len(REGIONS))
     weights[0] = 0.1
     groups = np.array([GROUPS.index(region_group(name)) for name in REGIONS])
@@ -88,7 +95,9 @@ def main(steps: int = typer.Option(300, help="training steps"),
          tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks"),
          read: str = typer.Option("merger", help=f"where the probe reads: {', '.join(READS)}"),
          lr: float = typer.Option(2e-3, help="learning rate (AdamW)"),
-         threads: int = typer.Option(1, help="CPU threads")) -> None:
+         threads: int = typer.Option(1, help="CPU threads"),
+         checkpoint: Path | None = typer.Option(None, help="read this trained model's tower, frozen (only the "
+                                                "probe trains)")) -> None:
     """Train the vision tower and a linear probe on region maps; print per-group validation accuracy."""
     torch.set_num_threads(threads)
     chosen = tuple(t.strip() for t in tasks.split(","))
@@ -98,7 +107,7 @@ def main(steps: int = typer.Option(300, help="training steps"),
                                  param_hint="--tasks")
     if read not in READS:
         raise typer.BadParameter(f"one of {', '.join(READS)}", param_hint="--read")
-    probe_accuracy(steps, chosen, read, lr=lr)
+    probe_accuracy(steps, chosen, read, lr=lr, checkpoint=checkpoint)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,11 @@ def test_an_unknown_read_point_is_refused():
     assert result.exit_code != 0 and "embedding, hidden, merger" in result.output
     with pytest.raises(ValueError, match="unknown read point"):
         probe_accuracy(steps=1, read="logits")
+
+
+def test_a_trained_towers_tokens_are_read_frozen():
+    from luvc.fidelity.model import CHECKPOINT
+
+    accuracy = probe_accuracy(steps=40, tasks=("color",), batch=4, val_count=4, report_every=40, lr=1e-2,
+                              report=lambda line: None, checkpoint=CHECKPOINT)
+    assert accuracy["shape"] >= 0.9, "the shipped tower tells a shape's kind and colour on every one of its tokens"
