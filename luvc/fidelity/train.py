@@ -20,7 +20,7 @@ import torch
 import typer
 
 from luvc.fidelity.model import CHECKPOINT, PATCH, build_tokenizer, encode, load_model, new_model
-from luvc.fidelity.tasks import PHOTO, REGIONS, TASKS, Item, items, task_of_question
+from luvc.fidelity.tasks import PHOTO, REGIONS, RELATIONS, TASKS, Item, items, task_of_question
 
 
 def shrink(item: Item, size: int) -> Item:
@@ -48,21 +48,23 @@ def patch_regions(item: Item, cover: float = 0.25) -> np.ndarray:
 
 
 def answer_loss_per_task(logits: torch.Tensor, labels: torch.Tensor, batch_items: list[Item],
-                         tokenizer, first_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                         tokenizer, first_weight: float | dict[str, float] = 1.0) -> dict[str, torch.Tensor]:
     """Mean next-token loss over the answer (and end) tokens of each task's questions.
 
     A question counts for the task whose template it follows, whatever item
     asks it: a colour item's relation questions train ``spatial``. The first
-    question of each row weighs ``first_weight`` times the others: evaluation
-    asks one question per image, and a later question in a training row can
-    read what the earlier ones gathered, so it is easier and would otherwise
-    carry most of the task's weight.
+    question of each row weighs ``first_weight`` times the others (per task of
+    that question, if a dict): evaluation asks one question per image, and a
+    later question in a training row can read what the earlier ones gathered,
+    so it is easier and would otherwise carry most of the task's weight.
     """
+    firsts = first_weight if isinstance(first_weight, dict) else dict.fromkeys(TASKS, first_weight)
     predicted, target = logits[:, :-1], labels[:, 1:]
     answered = target != -100
     losses = torch.nn.functional.cross_entropy(predicted[answered], target[answered], reduction="none")
-    asked = [(task_of_question(question), first_weight if n == 0 else 1.0)  # labels run row by row
+    asked = [(kind, firsts[kind] if n == 0 else 1.0)  # labels run row by row
              for item in batch_items for n, (question, answer) in enumerate([(item.question, item.answer), *item.more])
+             for kind in [task_of_question(question)]
              for _ in range(len(tokenizer.encode(answer, add_special_tokens=False)) + 1)]
     if len(asked) != len(losses):
         raise AssertionError(f"{len(losses)} answer tokens in the batch, {len(asked)} from its questions")
@@ -76,15 +78,36 @@ def answer_loss_per_task(logits: torch.Tensor, labels: torch.Tensor, batch_items
     return out
 
 
-def parse_task_weights(text: str) -> dict[str, float]:
-    """``"text:1,chart:7"`` -> weights per task; unnamed tasks weigh 1."""
+def parse_task_weights(text: str, option: str = "--task-weights") -> dict[str, float]:
+    """``"text:1,chart:7"`` -> weights per task; unnamed tasks weigh 1. A bare number weighs every task."""
+    try:
+        return dict.fromkeys(TASKS, float(text))
+    except ValueError:
+        pass
     weights = dict.fromkeys(TASKS, 1.0)
     for part in filter(None, (p.strip() for p in text.split(","))):
         task, _, value = part.partition(":")
-        if task not in TASKS or not value:
-            raise typer.BadParameter(f"{part!r}: expected TASK:WEIGHT with TASK one of {', '.join(TASKS)}",
-                                     param_hint="--task-weights")
-        weights[task] = float(value)
+        try:
+            if task not in TASKS:
+                raise ValueError(task)
+            weights[task] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r}: expected TASK:WEIGHT with TASK one of {', '.join(TASKS)} "
+                                     "and WEIGHT a number", param_hint=option) from None
+    return weights
+
+
+def region_class_weights(relation_weight: float = 1.0) -> torch.Tensor:
+    """Per ``REGIONS`` class, its weight in the region loss.
+
+    Background weighs 0.1 (most patches, least informative). A shape whose
+    label names its relation to the other shape weighs ``relation_weight``: the
+    tower learns the relation when spatial items are all it sees, but in the
+    full mix those patches are a small share of the loss.
+    """
+    weights = torch.ones(len(REGIONS))
+    weights[0] = 0.1
+    weights[[i for i, name in enumerate(REGIONS) if name.split()[-1] in RELATIONS]] = relation_weight
     return weights
 
 
@@ -122,8 +145,11 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           region_weight: float = typer.Option(1.0, help="weight of the per-visual-token region loss"),
           task_weights: str = typer.Option("text:1,chart:7,count:3,color:4,spatial:5",
                                            help="TASK:WEIGHT,...: share of each task in the answer loss"),
-          first_weight: float = typer.Option(1.0, help="weight of each row's first question against its others "
-                                             "(evaluation asks only the first)"),
+          first_weight: str = typer.Option("1", help="weight of each row's first question against its others "
+                                           "(evaluation asks only the first): a number, or TASK:WEIGHT,... by "
+                                           "the question's task (unnamed tasks 1)"),
+          relation_weight: float = typer.Option(1.0, help="weight in the region loss of the patches labelled with "
+                                                "a relation to another shape, against the other regions"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on"),
           init: Path | None = typer.Option(None, help="continue training this checkpoint: its training log is "
                                            "carried over, steps and items count on from its last step")) -> None:
@@ -162,8 +188,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(REGIONS))
     features: list[torch.Tensor] = []
     model.model.visual.merger.register_forward_hook(lambda module, args, out: features.append(out))
-    weights = torch.ones(len(REGIONS))
-    weights[0] = 0.1  # background: most patches, least informative
+    weights = region_class_weights(relation_weight)
     params = list(model.named_parameters()) + list(probe.named_parameters())
     decay = [p for n, p in params if p.dim() >= 2]
     other = [p for n, p in params if p.dim() < 2]
@@ -178,6 +203,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     shares = parse_task_weights(task_weights)
+    firsts = parse_task_weights(first_weight, "--first-weight")
     chosen = tuple(t.strip() for t in tasks.split(","))
     unknown = sorted(set(chosen) - set(TASKS))
     if unknown:
@@ -199,7 +225,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
         features.clear()
         labels = inputs.pop("labels")
-        per_task = answer_loss_per_task(model(**inputs).logits, labels, batch_items, tokenizer, first_weight)
+        per_task = answer_loss_per_task(model(**inputs).logits, labels, batch_items, tokenizer, firsts)
         answer_loss = sum(shares[t] * loss for t, loss in per_task.items()) / sum(shares[t] for t in per_task)
         target = torch.from_numpy(np.concatenate([patch_regions(item) for item in batch_items]))
         region_loss = torch.nn.functional.cross_entropy(probe(features[0]), target, weight=weights)

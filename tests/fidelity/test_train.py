@@ -12,8 +12,8 @@ import torch
 import typer
 
 from luvc.fidelity.model import build_tokenizer, encode, fidelity_config
-from luvc.fidelity.tasks import TASKS, items, task_of_question
-from luvc.fidelity.train import answer_loss_per_task, parse_task_weights
+from luvc.fidelity.tasks import REGIONS, TASKS, items, task_of_question
+from luvc.fidelity.train import answer_loss_per_task, parse_task_weights, region_class_weights
 
 
 def test_every_question_belongs_to_the_task_of_its_template():
@@ -75,13 +75,34 @@ def test_first_weight_counts_each_rows_first_question_that_many_times():
     torch.testing.assert_close(per_task["color"].item(), by_hand, rtol=1e-5, atol=1e-6)
     plain = answer_loss_per_task(logits, inputs["labels"], batch, tokenizer)["color"].item()
     assert plain == pytest.approx((sum(first) + sum(rest)) / (len(first) + len(rest)), rel=1e-5)
+    # Per task, the weight goes by the first question's task: colour's own weight counts, others' do not.
+    by_task = answer_loss_per_task(logits, inputs["labels"], batch, tokenizer,
+                                   first_weight={**dict.fromkeys(TASKS, 1.0), "color": 3.0})
+    torch.testing.assert_close(by_task["color"].item(), by_hand, rtol=1e-5, atol=1e-6)
+    others = answer_loss_per_task(logits, inputs["labels"], batch, tokenizer,
+                                  first_weight={**dict.fromkeys(TASKS, 3.0), "color": 1.0})
+    assert others["color"].item() == pytest.approx(plain, rel=1e-5)
 
 
 def test_task_weights_parse_and_refuse_unknown_tasks():
     assert parse_task_weights("chart:7, spatial:5") == {"text": 1.0, "chart": 7.0, "count": 1.0, "color": 1.0,
                                                           "spatial": 5.0}
+    assert parse_task_weights("4") == dict.fromkeys(TASKS, 4.0)
     with pytest.raises(typer.BadParameter, match="TASK:WEIGHT"):
         parse_task_weights("charts:7")
+    with pytest.raises(typer.BadParameter, match="WEIGHT a number") as refused:
+        parse_task_weights("color:x", "--first-weight")
+    assert refused.value.param_hint == "--first-weight"
+
+
+def test_relation_weight_falls_on_the_shapes_labelled_with_a_relation_only():
+    weights = region_class_weights(relation_weight=4.0)
+    assert weights[REGIONS.index("background")] == pytest.approx(0.1)
+    assert weights[REGIONS.index("red circle left")] == 4.0
+    assert weights[REGIONS.index("red circle")] == 1.0
+    assert weights[REGIONS.index("digit 3")] == 1.0
+    assert (weights == 4.0).sum() == sum(name.split()[-1] in ("left", "right", "above", "below") for name in REGIONS)
+    assert torch.equal(region_class_weights(), region_class_weights(1.0))
 
 
 def test_training_continues_a_checkpoint_with_its_log_and_its_item_numbering(tmp_path):
