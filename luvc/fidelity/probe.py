@@ -23,7 +23,7 @@ import typer
 
 from luvc.fidelity.model import PATCH, load_model, new_model, patchify
 from luvc.fidelity.tasks import PHOTO, REGIONS, SIZE, TASKS, items
-from luvc.fidelity.train import patch_regions
+from luvc.fidelity.train import patch_regions, region_class_weights
 
 READS = ("embedding", "hidden", "merger")
 GROUPS = ("background", "digit", "bar", "count", "shape", "relation")
@@ -54,8 +54,7 @@ def probe_accuracy(steps: int = 300, tasks: tuple[str, ...] = TASKS, read: str =
     probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(REGIONS))
     trained = list(probe.parameters()) + (list(visual.parameters()) if checkpoint is None else [])
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.05)
-    weights = torch.ones(len(REGIONS))
-    weights[0] = 0.1
+    weights = region_class_weights()
     groups = np.array([GROUPS.index(region_group(name)) for name in REGIONS])
     side = SIZE // PATCH
 
