@@ -22,19 +22,10 @@ import torch
 import typer
 
 from luvc.fidelity.model import PATCH, load_model, new_model, patchify
-from luvc.fidelity.tasks import PHOTO, REGIONS, SIZE, TASKS, items
+from luvc.fidelity.tasks import PHOTO, REGION_GROUPS, REGIONS, SIZE, TASKS, items, region_group
 from luvc.fidelity.train import patch_regions, region_class_weights
 
 READS = ("embedding", "hidden", "merger")
-GROUPS = ("background", "digit", "bar", "count", "shape", "relation")
-
-
-def region_group(name: str) -> str:
-    """The group a region belongs to: what kind of answer it carries."""
-    words = name.split()
-    if words[0] in ("background", "digit", "bar", "count"):
-        return words[0]
-    return "relation" if len(words) == 3 else "shape"  # "red circle left" / "red circle"
 
 
 def probe_accuracy(steps: int = 300, tasks: tuple[str, ...] = TASKS, read: str = "merger", batch: int = 12,
@@ -55,7 +46,7 @@ def probe_accuracy(steps: int = 300, tasks: tuple[str, ...] = TASKS, read: str =
     trained = list(probe.parameters()) + (list(visual.parameters()) if checkpoint is None else [])
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.05)
     weights = region_class_weights()
-    groups = np.array([GROUPS.index(region_group(name)) for name in REGIONS])
+    groups = np.array([REGION_GROUPS.index(region_group(name)) for name in REGIONS])
     side = SIZE // PATCH
 
     def features(chunk) -> torch.Tensor:
@@ -83,7 +74,7 @@ def probe_accuracy(steps: int = 300, tasks: tuple[str, ...] = TASKS, read: str =
             with torch.no_grad():
                 predicted = probe(features(val)).argmax(-1).numpy()
             accuracy = {}
-            for index, group in enumerate(GROUPS):
+            for index, group in enumerate(REGION_GROUPS):
                 mask = groups[truth] == index
                 accuracy[group] = round(float((predicted[mask] == truth[mask]).mean()), 3) if mask.any() else None
             report(json.dumps({"step": step + 1, "loss": round(loss.item(), 3), "accuracy": accuracy}))

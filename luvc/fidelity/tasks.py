@@ -134,6 +134,18 @@ def _regions() -> tuple[str, ...]:
 REGIONS = _regions()
 _REGION = {name: i for i, name in enumerate(REGIONS)}
 
+# What kind of answer a region carries; "relation" is a shape labelled with where it
+# lies relative to the other shape ("red circle left").
+REGION_GROUPS = ("background", "digit", "bar", "count", "shape", "relation")
+
+
+def region_group(name: str) -> str:
+    """The ``REGION_GROUPS`` entry of region ``name``."""
+    words = name.split()
+    if words[0] in ("background", "digit", "bar", "count"):
+        return words[0]
+    return "relation" if words[-1] in RELATIONS else "shape"
+
 PHOTO = 0.45  # weight of the photograph in a background (the rest is flat grey)
 
 

@@ -20,7 +20,7 @@ import torch
 import typer
 
 from luvc.fidelity.model import CHECKPOINT, PATCH, build_tokenizer, encode, load_model, new_model
-from luvc.fidelity.tasks import PHOTO, REGIONS, RELATIONS, TASKS, Item, items, task_of_question
+from luvc.fidelity.tasks import PHOTO, REGIONS, TASKS, Item, items, region_group, task_of_question
 
 
 def shrink(item: Item, size: int) -> Item:
@@ -107,7 +107,7 @@ def region_class_weights(relation_weight: float = 1.0) -> torch.Tensor:
     """
     weights = torch.ones(len(REGIONS))
     weights[0] = 0.1
-    weights[[i for i, name in enumerate(REGIONS) if name.split()[-1] in RELATIONS]] = relation_weight
+    weights[[i for i, name in enumerate(REGIONS) if region_group(name) == "relation"]] = relation_weight
     return weights
 
 

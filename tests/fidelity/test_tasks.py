@@ -7,7 +7,18 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from luvc.fidelity.model import MERGE, PATCH, build_tokenizer, encode, fidelity_config, patchify
-from luvc.fidelity.tasks import CELL, PHOTOS, SIZE, TASKS, items, make_item, vocabulary
+from luvc.fidelity.tasks import (
+    CELL,
+    PHOTOS,
+    REGION_GROUPS,
+    REGIONS,
+    SIZE,
+    TASKS,
+    items,
+    make_item,
+    region_group,
+    vocabulary,
+)
 
 
 def test_items_are_a_pure_function_of_split_and_index():
@@ -85,6 +96,12 @@ def test_region_maps_name_what_answers_each_question():
         assert any(item.answer in name.split() for name in names), (item.task, item.answer, names)
         patches = patch_regions(item)
         assert len(patches) == (SIZE // 14) ** 2 and patches.max() > 0, "some patch is labelled"
+
+
+def test_every_group_has_regions_and_every_region_a_group():
+    assert {region_group(name) for name in REGIONS} == set(REGION_GROUPS)
+    assert region_group("digit 7") == "digit" and region_group("red circle left") == "relation"
+    assert region_group("red circle") == "shape" and region_group("bar red 3") == "bar"
 
 
 def test_a_text_label_is_one_patch_and_the_curriculum_tiles_it():
