@@ -36,15 +36,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
                                    extra_special_tokens={"image_token": "<image>"}, padding_side="left")
 
 
-def fidelity_config() -> Qwen2VLConfig:
-    """The architecture the shipped checkpoint was trained with."""
+def fidelity_config(llm_layers: int = 8, llm_mlp: int = 384) -> Qwen2VLConfig:
+    """The architecture the shipped checkpoint was trained with (by default; ``llm_layers`` and
+    ``llm_mlp``, the LLM's depth and MLP width, try others)."""
     tokens = len(SPECIAL) + len(vocabulary())
     # rope_theta 1e4: with 32-dim heads, M-RoPE's height and width bands then turn slowly across the
     # image, as in the released models (1e6, 128-dim heads), so a question can find a visual token by
     # its content wherever it is. At theta 10 every band turned over a row of 16 patches and lookups by
     # content stayed near chance for 750 steps; where things are is the vision tower's to encode.
-    text = dict(vocab_size=(tokens + 7) // 8 * 8, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    text = dict(vocab_size=(tokens + 7) // 8 * 8, hidden_size=128, intermediate_size=llm_mlp,
+                num_hidden_layers=llm_layers, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2048,
                 rope_parameters={"rope_type": "default", "mrope_section": [2, 7, 7], "rope_theta": 10000.0},
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
     vision = dict(depth=4, embed_dim=128, num_heads=4, mlp_ratio=2, hidden_size=128, patch_size=PATCH,
@@ -54,9 +56,10 @@ def fidelity_config() -> Qwen2VLConfig:
     return config
 
 
-def new_model(seed: int = 0, attn: str = "sdpa") -> Qwen2VLForConditionalGeneration:
-    """The untrained fidelity model."""
-    config = fidelity_config()
+def new_model(seed: int = 0, attn: str = "sdpa", llm_layers: int = 8,
+              llm_mlp: int = 384) -> Qwen2VLForConditionalGeneration:
+    """The untrained fidelity model (``fidelity_config``'s architecture)."""
+    config = fidelity_config(llm_layers, llm_mlp)
     for c in (config, config.text_config, config.vision_config):
         c._attn_implementation = attn
     torch.manual_seed(seed)

@@ -151,6 +151,8 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           relation_weight: float = typer.Option(1.0, help="weight in the region loss of the patches labelled with "
                                                 "a relation to another shape, against the other regions"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on"),
+          llm_layers: int = typer.Option(8, help="from scratch: decoder layers of the LLM"),
+          llm_mlp: int = typer.Option(384, help="from scratch: MLP width of the LLM's layers"),
           init: Path | None = typer.Option(None, help="continue training this checkpoint: its training log is "
                                            "carried over, steps and items count on from its last step")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
@@ -179,7 +181,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     tokenizer = build_tokenizer()
     earlier: list[str] = []
     if init is None:
-        model = new_model(seed).train()
+        model = new_model(seed, llm_layers=llm_layers, llm_mlp=llm_mlp).train()
     else:
         model = load_model(init).train()
         logged = init / "training_log.jsonl"

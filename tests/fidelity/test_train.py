@@ -105,11 +105,11 @@ def test_relation_weight_falls_on_the_shapes_labelled_with_a_relation_only():
     assert torch.equal(region_class_weights(), region_class_weights(1.0))
 
 
-def test_training_continues_a_checkpoint_with_its_log_and_its_item_numbering(tmp_path):
+def test_training_continues_a_checkpoint_with_its_log_its_item_numbering_and_its_architecture(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     common = ["--batch", "3", "--eval-every", "2", "--threads", "1", "--tasks", "text"]
-    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(first), "--steps", "2", *common],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(first), "--steps", "2",
+                    "--llm-layers", "3", "--llm-mlp", "64", *common], check=True, capture_output=True)
     subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(second), "--steps", "1",
                     "--init", str(first), *common], check=True, capture_output=True)
     earlier = (first / "training_log.jsonl").read_text().splitlines()
@@ -118,3 +118,5 @@ def test_training_continues_a_checkpoint_with_its_log_and_its_item_numbering(tmp
     assert [json.loads(row)["step"] for row in rows] == [1, 2, 3]
     assert "val" in json.loads(rows[-1])
     assert (second / "model.safetensors").exists()
+    text = json.loads((second / "config.json").read_text())["text_config"]
+    assert (text["num_hidden_layers"], text["intermediate_size"]) == (3, 64)
