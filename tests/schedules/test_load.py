@@ -17,6 +17,13 @@ def test_builtin_presets_exist():
     assert {"identity", "luvc-default", "luvc-mild", "luvc-aggressive"} <= set(PRESETS)
 
 
+def test_the_ablation_presets_are_luvc_default_s_parts():
+    default = load_schedule("luvc-default")
+    merge, eliminate = load_schedule("luvc-merge-only"), load_schedule("luvc-eliminate-only")
+    assert merge.vision == default.vision and not merge.llm and not merge.eliminate_visual
+    assert eliminate.llm == default.llm[-1:] and not eliminate.vision and eliminate.eliminate_visual
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_round_trip_through_yaml(name):
     """Dumping a preset to YAML and loading it back gives an equal schedule."""
