@@ -146,6 +146,7 @@ def region_group(name: str) -> str:
         return words[0]
     return "relation" if words[-1] in RELATIONS else "shape"
 
+
 PHOTO = 0.45  # weight of the photograph in a background (the rest is flat grey)
 
 
