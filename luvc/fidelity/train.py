@@ -151,8 +151,10 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           relation_weight: float = typer.Option(1.0, help="weight in the region loss of the patches labelled with "
                                                 "a relation to another shape, against the other regions"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on"),
-          llm_layers: int = typer.Option(8, help="from scratch: decoder layers of the LLM"),
-          llm_mlp: int = typer.Option(384, help="from scratch: MLP width of the LLM's layers"),
+          llm_layers: int | None = typer.Option(None, help="decoder layers of the LLM (default: the shipped 8, or "
+                                                "--init's)"),
+          llm_mlp: int | None = typer.Option(None, help="MLP width of the LLM's layers (default: the shipped 384, "
+                                             "or --init's)"),
           init: Path | None = typer.Option(None, help="continue training this checkpoint: its training log is "
                                            "carried over, steps and items count on from its last step")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
@@ -180,10 +182,16 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     earlier: list[str] = []
+    shape = {key: value for key, value in (("llm_layers", llm_layers), ("llm_mlp", llm_mlp)) if value is not None}
     if init is None:
-        model = new_model(seed, llm_layers=llm_layers, llm_mlp=llm_mlp).train()
+        model = new_model(seed, **shape).train()
     else:
         model = load_model(init).train()
+        text = model.config.text_config
+        for key, value in (("llm_layers", text.num_hidden_layers), ("llm_mlp", text.intermediate_size)):
+            if shape.get(key, value) != value:
+                raise typer.BadParameter(f"{init} has {value}, not {shape[key]}: a continued checkpoint keeps its "
+                                         "architecture; leave the option out", param_hint=f"--{key.replace('_', '-')}")
         logged = init / "training_log.jsonl"
         earlier = logged.read_text().splitlines() if logged.exists() else []
     done = json.loads(earlier[-1])["step"] if earlier else 0  # curriculum and items continue from here

@@ -4,6 +4,7 @@ with each row's first question weighted as evaluation asks it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,7 @@ def test_training_continues_a_checkpoint_with_its_log_its_item_numbering_and_its
     assert (second / "model.safetensors").exists()
     text = json.loads((second / "config.json").read_text())["text_config"]
     assert (text["num_hidden_layers"], text["intermediate_size"]) == (3, 64)
+    refused = subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(tmp_path / "third"),
+                              "--steps", "1", "--init", str(first), "--llm-layers", "4", *common],
+                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    assert refused.returncode != 0 and "--llm-layers" in refused.stderr and "has 3, not 4" in refused.stderr
