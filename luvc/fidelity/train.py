@@ -179,6 +179,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     reaches 1 token in 256 and leaves a model this small at the answer prior.
     """
     torch.set_num_threads(threads)
+    torch.manual_seed(seed)  # the region probe of a continued run starts the same every time
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     earlier: list[str] = []

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import typer
+from safetensors.torch import load_file
 
 from luvc.fidelity.model import build_tokenizer, encode, fidelity_config
 from luvc.fidelity.tasks import REGIONS, TASKS, items, task_of_question
@@ -106,13 +107,18 @@ def test_relation_weight_falls_on_the_shapes_labelled_with_a_relation_only():
     assert torch.equal(region_class_weights(), region_class_weights(1.0))
 
 
-def test_training_continues_a_checkpoint_with_its_log_its_item_numbering_and_its_architecture(tmp_path):
+def test_training_continues_a_checkpoint_reproducibly_with_its_log_its_item_numbering_and_its_architecture(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     common = ["--batch", "3", "--eval-every", "2", "--threads", "1", "--tasks", "text"]
     subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(first), "--steps", "2",
                     "--llm-layers", "3", "--llm-mlp", "64", *common], check=True, capture_output=True)
     subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(second), "--steps", "1",
                     "--init", str(first), *common], check=True, capture_output=True)
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(again), "--steps", "1",
+                    "--init", str(first), *common], check=True, capture_output=True)
+    continued, repeated = load_file(second / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(continued[name], repeated[name]) for name in continued), "a continued run is reproducible"
     earlier = (first / "training_log.jsonl").read_text().splitlines()
     rows = (second / "training_log.jsonl").read_text().splitlines()
     assert rows[:2] == earlier
