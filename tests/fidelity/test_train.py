@@ -108,15 +108,13 @@ def test_relation_weight_falls_on_the_shapes_labelled_with_a_relation_only():
 
 
 def test_training_continues_a_checkpoint_reproducibly_with_its_log_its_item_numbering_and_its_architecture(tmp_path):
-    first, second = tmp_path / "first", tmp_path / "second"
+    first, second, again = tmp_path / "first", tmp_path / "second", tmp_path / "again"
     common = ["--batch", "3", "--eval-every", "2", "--threads", "1", "--tasks", "text"]
     subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(first), "--steps", "2",
                     "--llm-layers", "3", "--llm-mlp", "64", *common], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(second), "--steps", "1",
-                    "--init", str(first), *common], check=True, capture_output=True)
-    again = tmp_path / "again"
-    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(again), "--steps", "1",
-                    "--init", str(first), *common], check=True, capture_output=True)
+    for out in (second, again):
+        subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(out), "--steps", "1",
+                        "--init", str(first), *common], check=True, capture_output=True)
     continued, repeated = load_file(second / "model.safetensors"), load_file(again / "model.safetensors")
     assert all(torch.equal(continued[name], repeated[name]) for name in continued), "a continued run is reproducible"
     earlier = (first / "training_log.jsonl").read_text().splitlines()
