@@ -102,9 +102,11 @@ def encode(batch: Sequence[Item], tokenizer, config, with_answers: bool = False)
     With ``with_answers`` (training), each row continues ``answer <eos>`` and
     then every other question about the same image with its answer, and
     ``labels`` mark the answer and end-of-sequence tokens: one image pass
-    teaches several answers.
+    teaches several answers. ``questions`` numbers each token's question
+    (1 for the first; 0 for padding and the image), for training that asks
+    each one alone (``luvc.fidelity.train.isolate_questions``).
     """
-    rows, labels, pixels, grids = [], [], [], []
+    rows, labels, pixels, grids, questions = [], [], [], [], []
     for item in batch:
         h, w = item.image.shape[:2]
         gh, gw = h // PATCH, w // PATCH
@@ -112,8 +114,9 @@ def encode(batch: Sequence[Item], tokenizer, config, with_answers: bool = False)
             config.vision_end_token_id]
         row = [tokenizer.bos_token_id] + image
         label = [-100] * len(row)
+        question_of = [0] * len(row)
         pairs = [(item.question, item.answer), *item.more] if with_answers else [(item.question, None)]
-        for question, answer in pairs:
+        for number, (question, answer) in enumerate(pairs, 1):
             asked = tokenizer.encode(question, add_special_tokens=False)
             row += asked
             label += [-100] * len(asked)
@@ -121,8 +124,10 @@ def encode(batch: Sequence[Item], tokenizer, config, with_answers: bool = False)
                 target = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
                 row += target
                 label += target
+            question_of += [number] * (len(row) - len(question_of))
         rows.append(row)
         labels.append(label)
+        questions.append(question_of)
         pixels.append(patchify(item.image))
         grids.append([1, gh, gw])
     width = max(len(r) for r in rows)
@@ -135,6 +140,7 @@ def encode(batch: Sequence[Item], tokenizer, config, with_answers: bool = False)
     out["mm_token_type_ids"] = (out["input_ids"] == config.image_token_id).int()
     if with_answers:
         out["labels"] = torch.tensor([[-100] * (width - len(r)) + r for r in labels])
+        out["questions"] = torch.tensor([[0] * (width - len(r)) + r for r in questions])
     return out
 
 

@@ -47,6 +47,36 @@ def patch_regions(item: Item, cover: float = 0.25) -> np.ndarray:
     return np.where(counts.max(1) >= cover * PATCH * PATCH, best, 0)
 
 
+def isolate_questions(inputs: dict, model) -> dict:
+    """``inputs`` (``encode(..., with_answers=True)``) with every question of a row asked alone.
+
+    Each question sees the image and itself only, from the positions the
+    first question has, as evaluation asks it (one question per image): a
+    later question can no longer read what earlier ones gathered, so every
+    question teaches what the first does. Returns new inputs with a 4-D
+    attention mask and explicit M-RoPE positions; ``inputs`` is not changed.
+    """
+    out = dict(inputs)
+    question = out.pop("questions")
+    real = out["attention_mask"].bool()
+    positions, _ = model.model.get_rope_index(out["input_ids"], out["mm_token_type_ids"], out["image_grid_thw"],
+                                              None, attention_mask=out["attention_mask"])
+    shift = torch.zeros_like(question)
+    for row in range(len(question)):
+        starts = {int(n): int(i) for i, n in reversed(list(enumerate(question[row].tolist()))) if n}
+        for n, start in starts.items():
+            shift[row, question[row] == n] = start - starts[1]
+    positions = positions - shift[None].to(positions.dtype)
+    width = question.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    sees = (question[:, :, None] == question[:, None, :]) | (question[:, None, :] == 0)
+    mask = causal & sees & real[:, None, :]
+    mask |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself, so no row is empty
+    out["attention_mask"] = mask[:, None]
+    out["position_ids"] = positions
+    return out
+
+
 def answer_loss_per_task(logits: torch.Tensor, labels: torch.Tensor, batch_items: list[Item],
                          tokenizer, first_weight: float | dict[str, float] = 1.0) -> dict[str, torch.Tensor]:
     """Mean next-token loss over the answer (and end) tokens of each task's questions.
@@ -151,6 +181,9 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           relation_weight: float = typer.Option(1.0, help="weight in the region loss of the patches labelled with "
                                                 "a relation to another shape, against the other regions"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on"),
+          isolate: bool = typer.Option(False, "--isolate-questions/--chain-questions",
+                                       help="ask each question of a training row alone (it sees the image "
+                                       "and itself), or let later questions see earlier ones"),
           llm_layers: int | None = typer.Option(None, help="decoder layers of the LLM (default: the shipped 8, or "
                                                 "--init's)"),
           llm_mlp: int | None = typer.Option(None, help="MLP width of the LLM's layers (default: the shipped 384, "
@@ -236,6 +269,10 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
         features.clear()
         labels = inputs.pop("labels")
+        if isolate:
+            inputs = isolate_questions(inputs, model)
+        else:
+            inputs.pop("questions")
         per_task = answer_loss_per_task(model(**inputs).logits, labels, batch_items, tokenizer, firsts)
         answer_loss = sum(shares[t] * loss for t, loss in per_task.items()) / sum(shares[t] for t in per_task)
         target = torch.from_numpy(np.concatenate([patch_regions(item) for item in batch_items]))

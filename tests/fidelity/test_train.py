@@ -3,6 +3,7 @@ with each row's first question weighted as evaluation asks it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,9 +14,9 @@ import torch
 import typer
 from safetensors.torch import load_file
 
-from luvc.fidelity.model import build_tokenizer, encode, fidelity_config
+from luvc.fidelity.model import build_tokenizer, encode, fidelity_config, new_model
 from luvc.fidelity.tasks import REGIONS, TASKS, items, task_of_question
-from luvc.fidelity.train import answer_loss_per_task, parse_task_weights, region_class_weights
+from luvc.fidelity.train import answer_loss_per_task, isolate_questions, parse_task_weights, region_class_weights
 
 
 def test_every_question_belongs_to_the_task_of_its_template():
@@ -129,3 +130,33 @@ def test_training_continues_a_checkpoint_reproducibly_with_its_log_its_item_numb
                               "--steps", "1", "--init", str(first), "--llm-layers", "4", *common],
                              capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
     assert refused.returncode != 0 and "--llm-layers" in refused.stderr and "has 3, not 4" in refused.stderr
+
+
+def test_an_isolated_question_gets_the_logits_it_gets_asked_alone():
+    """With ``isolate_questions`` every question of a training row is predicted exactly as if it
+    were the row's only question, as evaluation asks it; chained, later ones read earlier answers."""
+    torch.manual_seed(0)
+    model, tokenizer = new_model(0, llm_layers=2, llm_mlp=64).eval(), build_tokenizer()
+    batch = [item for item in items("train", 10) if item.task in ("color", "spatial", "text")]
+    inputs = encode(batch, tokenizer, model.config, with_answers=True)
+    labels = inputs.pop("labels")
+    isolated = isolate_questions(inputs, model)
+    assert "questions" in inputs and inputs["attention_mask"].dim() == 2, "the caller's inputs are not changed"
+    chained = {key: value for key, value in inputs.items() if key != "questions"}
+    with torch.no_grad():
+        logits, chained_logits = model(**isolated).logits, model(**chained).logits
+        for row, item in enumerate(batch):
+            answered = (labels[row, 1:] != -100).nonzero().flatten()
+            start = 0
+            for number, (question, answer) in enumerate([(item.question, item.answer), *item.more]):
+                alone = encode([dataclasses.replace(item, question=question, answer=answer, more=())], tokenizer,
+                               model.config, with_answers=True)
+                target = alone.pop("labels")[0, 1:] != -100
+                alone.pop("questions")
+                expected = model(**alone).logits[0, :-1][target]
+                positions = answered[start:start + len(expected)]
+                torch.testing.assert_close(logits[row, :-1][positions], expected, atol=1e-4, rtol=1e-4)
+                if number:
+                    assert not torch.allclose(chained_logits[row, :-1][positions], expected, atol=1e-4)
+                start += len(expected)
+    assert start > len(expected), "the last row asked more than one question"
