@@ -61,13 +61,16 @@ def isolate_questions(inputs: dict, model) -> dict:
     real = out["attention_mask"].bool()
     positions, _ = model.model.get_rope_index(out["input_ids"], out["mm_token_type_ids"], out["image_grid_thw"],
                                               None, attention_mask=out["attention_mask"])
-    shift = torch.zeros_like(question)
-    for row in range(len(question)):
-        starts = {int(n): int(i) for i, n in reversed(list(enumerate(question[row].tolist()))) if n}
-        for n, start in starts.items():
-            shift[row, question[row] == n] = start - starts[1]
-    positions = positions - shift[None].to(positions.dtype)
     width = question.shape[1]
+    index = torch.arange(width).expand_as(question)
+
+    def start(n: int) -> torch.Tensor:  # per row, where question n begins
+        return torch.where(question == n, index, width).min(1, keepdim=True).values
+
+    shift = torch.zeros_like(question)
+    for n in range(2, int(question.max()) + 1):
+        shift = torch.where(question == n, start(n) - start(1), shift)
+    positions = positions - shift[None].to(positions.dtype)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     sees = (question[:, :, None] == question[:, None, :]) | (question[:, None, :] == 0)
     mask = causal & sees & real[:, None, :]
