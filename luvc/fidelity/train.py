@@ -67,9 +67,9 @@ def isolate_questions(inputs: dict, model) -> dict:
     def start(n: int) -> torch.Tensor:  # per row, where question n begins
         return torch.where(question == n, index, width).min(1, keepdim=True).values
 
-    shift = torch.zeros_like(question)
+    first, shift = start(1), torch.zeros_like(question)
     for n in range(2, int(question.max()) + 1):
-        shift = torch.where(question == n, start(n) - start(1), shift)
+        shift = torch.where(question == n, start(n) - first, shift)
     positions = positions - shift[None].to(positions.dtype)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     sees = (question[:, :, None] == question[:, None, :]) | (question[:, None, :] == 0)
