@@ -184,9 +184,12 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
           relation_weight: float = typer.Option(1.0, help="weight in the region loss of the patches labelled with "
                                                 "a relation to another shape, against the other regions"),
           tasks: str = typer.Option(",".join(TASKS), help="comma-separated tasks to train and validate on"),
-          isolate: bool = typer.Option(False, "--isolate-questions/--chain-questions",
-                                       help="ask each question of a training row alone (it sees the image "
-                                       "and itself), or let later questions see earlier ones"),
+          isolate_from: int | None = typer.Option(None, help="from this step on, ask each question of a training "
+                                                  "row alone (it sees the image and itself); before it, and "
+                                                  "without this option, later questions see earlier ones"),
+          restart_lr: float | None = typer.Option(None, help="at --isolate-from, warm up again to this peak "
+                                                  "learning rate and decay it over the remaining steps (each "
+                                                  "phase its own cosine); without it, one cosine over all steps"),
           llm_layers: int | None = typer.Option(None, help="decoder layers of the LLM (default: the shipped 8, or "
                                                 "--init's)"),
           llm_mlp: int | None = typer.Option(None, help="MLP width of the LLM's layers (default: the shipped 384, "
@@ -242,11 +245,17 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.98))
 
+    switch = steps if isolate_from is None else min(steps, max(0, isolate_from - done))
+    phases = [(0, switch, 1.0), (switch, steps, restart_lr / lr)] if restart_lr and 0 < switch < steps \
+        else [(0, steps, 1.0)]
+
     def rate(step: int) -> float:
+        begin, end, peak = next((phase for phase in phases if step < phase[1]), phases[-1])
+        step -= begin
         if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+            return peak * (step + 1) / warmup
+        progress = (step - warmup) / max(1, end - begin - warmup)
+        return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     shares = parse_task_weights(task_weights)
@@ -272,7 +281,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         inputs = encode(batch_items, tokenizer, model.config, with_answers=True)
         features.clear()
         labels = inputs.pop("labels")
-        if isolate:
+        if step >= switch:
             inputs = isolate_questions(inputs, model)
         else:
             inputs.pop("questions")
@@ -283,12 +292,13 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         loss = answer_loss + region_weight * region_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        used = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"step": seen + 1, "loss": round(answer_loss.item(), 4), "region_loss": round(region_loss.item(), 4),
                "tasks": {t: round(loss.item(), 3) for t, loss in per_task.items()},
-               "photo": round(photo, 3), "tiles": tiles,
+               "photo": round(photo, 3), "tiles": tiles, "lr": float(f"{used:.3g}"),
                "minutes": round((time.time() - started) / 60, 2)}
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             row["val"] = {k: round(v, 3) for k, v in answer_accuracy(model, tokenizer, val).items()}

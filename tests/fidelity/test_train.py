@@ -160,3 +160,13 @@ def test_an_isolated_question_gets_the_logits_it_gets_asked_alone():
                     assert not torch.allclose(chained_logits[row, :-1][positions], expected, atol=1e-4)
                 start += len(expected)
     assert start > len(expected), "the last row asked more than one question"
+
+
+def test_isolating_questions_from_a_step_warms_the_learning_rate_up_again_to_the_restart_peak(tmp_path):
+    """``--isolate-from`` with ``--restart-lr``: two cosine phases, each warming up and decaying on its own."""
+    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(tmp_path), "--steps", "6",
+                    "--isolate-from", "3", "--restart-lr", "5e-4", "--warmup", "1", "--batch", "3",
+                    "--eval-every", "6", "--threads", "1", "--tasks", "text", "--llm-layers", "2", "--llm-mlp", "64"],
+                   check=True, capture_output=True)
+    rates = [json.loads(row)["lr"] for row in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert rates == pytest.approx([2e-3, 2e-3, 1.05e-3, 5e-4, 5e-4, 2.625e-4], rel=1e-2)
