@@ -246,8 +246,11 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
                                   lr=lr, betas=(0.9, 0.98))
 
     switch = steps if isolate_from is None else min(steps, max(0, isolate_from - done))
-    phases = [(0, switch, 1.0), (switch, steps, restart_lr / lr)] if restart_lr and 0 < switch < steps \
-        else [(0, steps, 1.0)]
+    if restart_lr is not None and not 0 < switch < steps:
+        raise typer.BadParameter(f"restarts at --isolate-from, which must fall inside this run (after step {done}, "
+                                 f"before step {done + steps}); for one phase, set its peak with --lr",
+                                 param_hint="--restart-lr")
+    phases = [(0, switch, 1.0), (switch, steps, restart_lr / lr)] if restart_lr is not None else [(0, steps, 1.0)]
 
     def rate(step: int) -> float:
         begin, end, peak = next((phase for phase in phases if step < phase[1]), phases[-1])

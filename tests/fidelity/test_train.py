@@ -170,3 +170,7 @@ def test_isolating_questions_from_a_step_warms_the_learning_rate_up_again_to_the
                    check=True, capture_output=True)
     rates = [json.loads(row)["lr"] for row in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([2e-3, 2e-3, 1.05e-3, 5e-4, 5e-4, 2.625e-4], rel=1e-2)
+    refused = subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(tmp_path / "refused"),
+                              "--steps", "6", "--restart-lr", "5e-4"], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "300"})
+    assert refused.returncode != 0 and "--restart-lr" in refused.stderr and "--isolate-from" in refused.stderr
