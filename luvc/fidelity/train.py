@@ -235,6 +235,11 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         logged = init / "training_log.jsonl"
         earlier = logged.read_text().splitlines() if logged.exists() else []
     done = json.loads(earlier[-1])["step"] if earlier else 0  # curriculum and items continue from here
+    switch = steps if isolate_from is None else min(steps, max(0, isolate_from - done))
+    if restart_lr is not None and not 0 < switch < steps:
+        raise typer.BadParameter(f"restarts at --isolate-from, which must fall inside this run (after step {done}, "
+                                 f"before step {done + steps}); for one phase, set its peak with --lr",
+                                 param_hint="--restart-lr")
     probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(REGIONS))
     features: list[torch.Tensor] = []
     model.model.visual.merger.register_forward_hook(lambda module, args, out: features.append(out))
@@ -245,11 +250,6 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.98))
 
-    switch = steps if isolate_from is None else min(steps, max(0, isolate_from - done))
-    if restart_lr is not None and not 0 < switch < steps:
-        raise typer.BadParameter(f"restarts at --isolate-from, which must fall inside this run (after step {done}, "
-                                 f"before step {done + steps}); for one phase, set its peak with --lr",
-                                 param_hint="--restart-lr")
     phases = [(0, switch, 1.0), (switch, steps, restart_lr / lr)] if restart_lr is not None else [(0, steps, 1.0)]
 
     def rate(step: int) -> float:
