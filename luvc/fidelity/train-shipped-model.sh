@@ -6,10 +6,11 @@
 #   2-3. 1000 steps twice with each question asked alone (16 min each): colour from 65% to 100%
 #      on validation. Learned this way from scratch, charts end up read in the last LLM layer.
 #   4. 1000 steps more with relation patches weighted 4x in the region loss (16 min).
-# Usage: luvc/fidelity/train-shipped-model.sh [OUT]  (default: the package's checkpoint directory)
+# Usage: luvc/fidelity/train-shipped-model.sh [OUT]  (default: the checkpoint directory beside it)
 set -euo pipefail
-out=${1:-luvc/fidelity/checkpoint}
+out=${1:-$(dirname "$0")/checkpoint}
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 isolated=(--isolate-from 0 --steps 1000 --lr 5e-4 --warmup 50)
 python -m luvc.fidelity.train --out "$work/chained"
 python -m luvc.fidelity.train --init "$work/chained" --out "$work/isolated-1" "${isolated[@]}"
