@@ -3,6 +3,7 @@ with each row's first question weighted as evaluation asks it."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -16,7 +17,14 @@ from safetensors.torch import load_file
 
 from luvc.fidelity.model import build_tokenizer, encode, fidelity_config, new_model
 from luvc.fidelity.tasks import REGIONS, TASKS, items, task_of_question
-from luvc.fidelity.train import answer_loss_per_task, isolate_questions, parse_task_weights, region_class_weights
+from luvc.fidelity.train import (
+    answer_loss_per_task,
+    compile_blocks,
+    isolate_questions,
+    linear_patch_embedding,
+    parse_task_weights,
+    region_class_weights,
+)
 
 
 def test_every_question_belongs_to_the_task_of_its_template():
@@ -110,7 +118,7 @@ def test_relation_weight_falls_on_the_shapes_labelled_with_a_relation_only():
 
 def test_training_continues_a_checkpoint_reproducibly_with_its_log_its_item_numbering_and_its_architecture(tmp_path):
     first, second, again = tmp_path / "first", tmp_path / "second", tmp_path / "again"
-    common = ["--batch", "3", "--eval-every", "2", "--threads", "1", "--tasks", "text"]
+    common = ["--batch", "3", "--eval-every", "2", "--threads", "1", "--tasks", "text", "--no-speedups"]
     subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(first), "--steps", "2",
                     "--llm-layers", "3", "--llm-mlp", "64", *common], check=True, capture_output=True)
     for out in (second, again):
@@ -166,7 +174,8 @@ def test_isolating_questions_from_a_step_warms_the_learning_rate_up_again_to_the
     """``--isolate-from`` with ``--restart-lr``: two cosine phases, each warming up and decaying on its own."""
     subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(tmp_path), "--steps", "6",
                     "--isolate-from", "3", "--restart-lr", "5e-4", "--warmup", "1", "--batch", "3",
-                    "--eval-every", "6", "--threads", "1", "--tasks", "text", "--llm-layers", "2", "--llm-mlp", "64"],
+                    "--eval-every", "6", "--threads", "1", "--tasks", "text", "--llm-layers", "2", "--llm-mlp", "64",
+                    "--no-speedups"],
                    check=True, capture_output=True)
     rates = [json.loads(row)["lr"] for row in (tmp_path / "training_log.jsonl").read_text().splitlines()]
     assert rates == pytest.approx([2e-3, 2e-3, 1.05e-3, 5e-4, 5e-4, 2.625e-4], rel=1e-2)
@@ -174,3 +183,38 @@ def test_isolating_questions_from_a_step_warms_the_learning_rate_up_again_to_the
                               "--steps", "6", "--restart-lr", "5e-4"], capture_output=True, text=True,
                              env={**os.environ, "COLUMNS": "300"})
     assert refused.returncode != 0 and "--restart-lr" in refused.stderr and "--isolate-from" in refused.stderr
+
+
+def test_the_linear_patch_embedding_computes_what_the_convolution_does():
+    model = new_model(0, llm_layers=1, llm_mlp=32)
+    embed = model.model.visual.patch_embed
+    pixels = torch.randn(40, embed.proj.weight[0].numel())
+    expected = embed(pixels)
+    linear_patch_embedding(model)
+    assert "forward" in vars(embed), "the embedding was rewritten"
+    torch.testing.assert_close(embed(pixels), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_train_as_the_eager_model_does():
+    """``--compile`` (the default) changes a step's speed, not what it computes: same logits and
+    gradients as eager, up to float rounding, with every block run by a compiled graph."""
+    torch._dynamo.reset()
+    eager = new_model(0, llm_layers=2, llm_mlp=64).train()
+    fast = copy.deepcopy(eager)
+    linear_patch_embedding(fast)
+    compile_blocks(fast)
+    tokenizer = build_tokenizer()
+    batch = items("train", 3, tasks=("text", "color"))
+    inputs = encode(batch, tokenizer, eager.config, with_answers=True)
+    labels = inputs.pop("labels")
+    inputs.pop("questions")
+    logits = {}
+    for name, model in (("eager", eager), ("fast", fast)):
+        with torch.enable_grad():  # the suite runs without autograd (conftest)
+            logits[name] = model(**inputs).logits
+            sum(answer_loss_per_task(logits[name], labels, batch, tokenizer).values()).backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2, "a decoder layer and a vision block compiled"
+    torch.testing.assert_close(logits["fast"], logits["eager"], rtol=1e-4, atol=1e-4)
+    for (name, slow), fast_param in zip(eager.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(fast_param.grad, slow.grad, rtol=1e-3, atol=1e-5, msg=name)
+    torch._dynamo.reset()
