@@ -172,8 +172,8 @@ def compile_blocks(model) -> None:
 
     The whole model does not compile well (the M-RoPE index and the tower's
     per-image attention loop in Python); one block is the same graph for every
-    layer, and fusing its elementwise work (norms, rotary, SiLU) makes a
-    training step about 20% faster here. A batch of 224 px images has one of a
+    layer, and fusing its elementwise work (norms, rotary, SiLU) makes the
+    model's forward and backward about 20% faster here. A batch of 224 px images has one of a
     few widths, so shapes are static: a handful of compilations per run, cached
     on disk across runs. Validation runs eager (``torch.compiler.set_stance``).
     """
