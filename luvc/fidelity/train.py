@@ -83,6 +83,33 @@ def isolate_questions(inputs: dict, model) -> dict:
     return out
 
 
+def padding_after(inputs: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Chained training inputs with each row's padding moved after it and no attention mask.
+
+    Under a causal mask no real token sees a padding token that follows it,
+    and M-RoPE numbers a row's tokens from its first real one either way, so
+    every answer's logits are those of the left-padded, masked batch (up to
+    float rounding); the labels of the trailing padding are ignored. Without
+    a mask, attention runs causal and skips the blocks above the diagonal: the
+    forward and backward of a chained batch of 15 took 0.90 s instead of 0.94 s
+    here (medians of 10, alternated). Returns new inputs and labels; the
+    caller's are not changed.
+    """
+    real = inputs["attention_mask"].bool()
+    width = real.shape[1]
+    source = torch.arange(width) + (~real).sum(1, keepdim=True)
+    inside = source < width
+    source = source.clamp(max=width - 1)
+
+    def shifted(rows: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.where(inside, rows.gather(1, source), fill)
+
+    out = {key: value for key, value in inputs.items() if key not in ("attention_mask", "questions")}
+    out["input_ids"] = shifted(inputs["input_ids"], 0)
+    out["mm_token_type_ids"] = shifted(inputs["mm_token_type_ids"], 0)
+    return out, shifted(labels, -100)
+
+
 def answer_loss_per_task(logits: torch.Tensor, labels: torch.Tensor, batch_items: list[Item],
                          tokenizer, first_weight: float | dict[str, float] = 1.0) -> dict[str, torch.Tensor]:
     """Mean next-token loss over the answer (and end) tokens of each task's questions.
@@ -234,7 +261,8 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
                                              "or --init's)"),
           speedups: bool = typer.Option(True, "--speedups/--no-speedups",
                                         help="flush denormal floats to zero, compile the decoder layers and vision "
-                                        "blocks, and compute the patch embedding as a matrix product (each "
+                                        "blocks, compute the patch embedding as a matrix product, and pad chained "
+                                        "rows after their tokens so attention runs causal without a mask (each "
                                         "changes float rounding only; --no-speedups trains as luvc did before)"),
           init: Path | None = typer.Option(None, help="continue training this checkpoint: its training log is "
                                            "carried over, steps and items count on from its last step")) -> None:
@@ -346,6 +374,8 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         labels = inputs.pop("labels")
         if step >= switch:
             inputs = isolate_questions(inputs, model)
+        elif speedups:
+            inputs, labels = padding_after(inputs, labels)
         else:
             inputs.pop("questions")
         per_task = answer_loss_per_task(model(**inputs).logits, labels, batch_items, tokenizer, firsts)

@@ -22,6 +22,7 @@ from luvc.fidelity.train import (
     compile_blocks,
     isolate_questions,
     linear_patch_embedding,
+    padding_after,
     parse_task_weights,
     region_class_weights,
 )
@@ -218,3 +219,26 @@ def test_compiled_blocks_train_as_the_eager_model_does():
     for (name, slow), fast_param in zip(eager.named_parameters(), fast.parameters()):
         torch.testing.assert_close(fast_param.grad, slow.grad, rtol=1e-3, atol=1e-5, msg=name)
     torch._dynamo.reset()
+
+
+def test_padding_after_the_rows_keeps_every_answers_logits_without_a_mask():
+    """``--speedups`` pads chained rows at their end and drops the attention mask: each answer
+    token gets the logits and loss of the left-padded, masked batch."""
+    model, tokenizer = new_model(0, llm_layers=2, llm_mlp=64).eval(), build_tokenizer()
+    batch = items("train", 6, tasks=("text", "count", "spatial"))
+    inputs = encode(batch, tokenizer, model.config, with_answers=True)
+    labels = inputs.pop("labels")
+    assert (inputs["attention_mask"] == 0).any(), "some rows are padded"
+    before = {key: value.clone() for key, value in inputs.items()}
+    moved, moved_labels = padding_after(inputs, labels)
+    assert all(torch.equal(inputs[key], before[key]) for key in before), "the caller's inputs are not changed"
+    assert "attention_mask" not in moved and "questions" not in moved
+    assert (moved["input_ids"][:, 0] == tokenizer.bos_token_id).all(), "every row starts at its first column"
+    chained = {key: value for key, value in inputs.items() if key != "questions"}
+    padded_logits = model(**chained).logits[:, :-1][labels[:, 1:] != -100]
+    moved_logits = model(**moved).logits[:, :-1][moved_labels[:, 1:] != -100]
+    torch.testing.assert_close(moved_logits, padded_logits, rtol=1e-4, atol=1e-4)
+    padded_loss = answer_loss_per_task(model(**chained).logits, labels, batch, tokenizer)
+    moved_loss = answer_loss_per_task(model(**moved).logits, moved_labels, batch, tokenizer)
+    for task, loss in padded_loss.items():
+        torch.testing.assert_close(moved_loss[task], loss, rtol=1e-4, atol=1e-5)
