@@ -235,10 +235,10 @@ def test_padding_after_the_rows_keeps_every_answers_logits_without_a_mask():
     assert "attention_mask" not in moved and "questions" not in moved
     assert (moved["input_ids"][:, 0] == tokenizer.bos_token_id).all(), "every row starts at its first column"
     chained = {key: value for key, value in inputs.items() if key != "questions"}
-    padded_logits = model(**chained).logits[:, :-1][labels[:, 1:] != -100]
-    moved_logits = model(**moved).logits[:, :-1][moved_labels[:, 1:] != -100]
-    torch.testing.assert_close(moved_logits, padded_logits, rtol=1e-4, atol=1e-4)
-    padded_loss = answer_loss_per_task(model(**chained).logits, labels, batch, tokenizer)
-    moved_loss = answer_loss_per_task(model(**moved).logits, moved_labels, batch, tokenizer)
+    padded_logits, moved_logits = model(**chained).logits, model(**moved).logits
+    torch.testing.assert_close(moved_logits[:, :-1][moved_labels[:, 1:] != -100],
+                               padded_logits[:, :-1][labels[:, 1:] != -100], rtol=1e-4, atol=1e-4)
+    padded_loss = answer_loss_per_task(padded_logits, labels, batch, tokenizer)
+    moved_loss = answer_loss_per_task(moved_logits, moved_labels, batch, tokenizer)
     for task, loss in padded_loss.items():
         torch.testing.assert_close(moved_loss[task], loss, rtol=1e-4, atol=1e-5)
