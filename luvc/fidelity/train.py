@@ -209,6 +209,17 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=False)
 
 
+def freeze_last_attention(model, layers: int) -> None:
+    """Stop training the self-attention of the LLM's last ``layers`` decoder layers.
+
+    Attention is the only place a text token reads a visual one, so a continued
+    run with these frozen cannot teach the last layers to look at the image;
+    what the run still has to learn from it, earlier layers must read.
+    """
+    for layer in model.model.language_model.layers[len(model.model.language_model.layers) - layers:]:
+        layer.self_attn.requires_grad_(False)
+
+
 def answer_accuracy(model, tokenizer, batch_items, batch_size: int = 50) -> dict[str, float]:
     """Per-task accuracy of the first answer token (greedy), uncompressed."""
     hits: dict[str, list[bool]] = {task: [] for task in TASKS}
@@ -265,7 +276,9 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
                                         "rows after their tokens so attention runs causal without a mask (each "
                                         "changes float rounding only; --no-speedups trains as luvc did before)"),
           init: Path | None = typer.Option(None, help="continue training this checkpoint: its training log is "
-                                           "carried over, steps and items count on from its last step")) -> None:
+                                           "carried over, steps and items count on from its last step"),
+          frozen_attention: int = typer.Option(0, help="leave the self-attention of the LLM's last N decoder layers "
+                                               "untrained (with --init: as the checkpoint has it)")) -> None:
     """Train the fidelity model from scratch on the train split; validate on the val split.
 
     Curriculum: optionally smaller images first (Qwen2-VL takes any size: fewer
@@ -310,11 +323,16 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
         raise typer.BadParameter(f"restarts at --isolate-from, which must fall inside this run (after step {done}, "
                                  f"before step {done + steps}); for one phase, set its peak with --lr",
                                  param_hint="--restart-lr")
+    depth = model.config.text_config.num_hidden_layers
+    if not 0 <= frozen_attention <= depth:
+        raise typer.BadParameter(f"the LLM has {depth} decoder layers; freeze between 0 and {depth}",
+                                 param_hint="--frozen-attention")
+    freeze_last_attention(model, frozen_attention)
     probe = torch.nn.Linear(model.config.vision_config.hidden_size, len(REGIONS))
     features: list[torch.Tensor] = []
     model.model.visual.merger.register_forward_hook(lambda module, args, out: features.append(out))
     weights = region_class_weights(relation_weight)
-    params = list(model.named_parameters()) + list(probe.named_parameters())
+    params = [(n, p) for n, p in [*model.named_parameters(), *probe.named_parameters()] if p.requires_grad]
     decay = [p for n, p in params if p.dim() >= 2]
     other = [p for n, p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}],

@@ -15,7 +15,7 @@ import torch
 import typer
 from safetensors.torch import load_file
 
-from luvc.fidelity.model import build_tokenizer, encode, fidelity_config, new_model
+from luvc.fidelity.model import build_tokenizer, encode, fidelity_config, load_model, new_model
 from luvc.fidelity.tasks import REGIONS, TASKS, items, task_of_question
 from luvc.fidelity.train import (
     answer_loss_per_task,
@@ -242,3 +242,19 @@ def test_padding_after_the_rows_keeps_every_answers_logits_without_a_mask():
     moved_loss = answer_loss_per_task(moved_logits, moved_labels, batch, tokenizer)
     for task, loss in padded_loss.items():
         torch.testing.assert_close(moved_loss[task], loss, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_attention_leaves_the_last_layers_attention_as_it_was_and_trains_the_rest(tmp_path):
+    subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(tmp_path), "--steps", "1",
+                    "--batch", "3", "--threads", "1", "--tasks", "text", "--llm-layers", "2", "--llm-mlp", "64",
+                    "--frozen-attention", "1", "--no-speedups"], check=True, capture_output=True)
+    before, after = new_model(0, llm_layers=2, llm_mlp=64).state_dict(), load_model(tmp_path).state_dict()
+    frozen = [name for name in before if "layers.1.self_attn" in name and "visual" not in name]
+    trained = [name for name in before if "layers.0.self_attn" in name or "layers.1.mlp" in name]
+    assert frozen and trained
+    assert all(torch.equal(before[name], after[name]) for name in frozen)
+    assert not any(torch.equal(before[name], after[name]) for name in trained)
+    refused = subprocess.run([sys.executable, "-m", "luvc.fidelity.train", "--out", str(tmp_path / "refused"),
+                              "--llm-layers", "2", "--frozen-attention", "3"], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "300"})
+    assert refused.returncode != 0 and "--frozen-attention" in refused.stderr and "2 decoder layers" in refused.stderr
