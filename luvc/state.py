@@ -48,6 +48,7 @@ class VisionState:
     keys: Tensor | None = None  # [N, Dk] similarity metric captured from the last block
     attention: Tensor | None = None  # [N] attention each token received in the last block, when asked for
     prefix: Tensor | None = None  # [images, P, D] tokens every image attends to but that never merge (CLS)
+    rows: frozenset[int] = frozenset()  # images laid out as one row of tokens that no longer form their grid
     decoding = False
     log: list[LedgerRow] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # adapter's per-state cache (rotary, cu_seqlens)
@@ -80,6 +81,7 @@ class LLMState:
     decoding: bool = False  # True after prefill: new tokens only, the ledger is not written
     image_blocks: bool = False  # each image's tokens attend to each other both ways (Gemma 3)
     sizes: Tensor | None = None  # [B, S] float32: tokens each one stands for, when the LLM attends by size
+    grid: Tensor | None = None  # [B, S, 6] long: visual tokens' (item, frame, row, col, height, width), else -1
     log: list[LedgerRow] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # adapter's per-state cache (masks, rotary)
     site = "llm"
@@ -124,6 +126,7 @@ def compact(state: LLMState, keep: Tensor) -> LLMState:
         position_ids=take(state.position_ids, 1),
         source=torch.where(valid, torch.gather(state.source, 1, order), -1),
         sizes=None if state.sizes is None else torch.gather(state.sizes, 1, order),
+        grid=None if state.grid is None else take(state.grid, 0),
     )
 
 

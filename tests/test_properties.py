@@ -39,7 +39,7 @@ keep = st.floats(0.05, 1.0)
 llm_step = st.one_of(
     st.fixed_dictionaries({
         "transform": st.just("spectrum_prune"), "at": st.lists(positions, min_size=1, max_size=3),
-        "params": st.fixed_dictionaries({"keep": keep, "axis": st.sampled_from(["hidden", "sequence"])}),
+        "params": st.fixed_dictionaries({"keep": keep, "axis": st.just("hidden")}),
     }),
     *[st.fixed_dictionaries({"transform": st.just(name), "at": st.lists(positions, min_size=1, max_size=3),
                              "params": st.fixed_dictionaries({"keep": keep})})

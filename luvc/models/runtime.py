@@ -37,7 +37,9 @@ def vision_output(state: VisionState, source_counts: list[int], features: list[T
     item) travel along, e.g. merged grids. ``luvc_sizes`` says how many of
     the item's uncompressed LLM tokens each token stands for (merging
     conserves sizes, so an item's sizes sum to its placeholder count); it is
-    left out where the features are not the state's tokens one for one.
+    left out where the features are not the state's tokens one for one, and so
+    is ``luvc_llm_grids``, each item's ``(t, h, w)`` grid of LLM tokens in
+    row-major order (``None`` for an image a transform laid out as one row).
     """
     split = [t * h * w * state.unit for t, h, w in state.grids]
     if features is None:
@@ -48,10 +50,40 @@ def vision_output(state: VisionState, source_counts: list[int], features: list[T
     out.luvc_counts = counts
     if sum(split) == len(state.sizes) and split == counts:
         out.luvc_sizes = [s * n / s.sum() for s, n in zip(torch.split(state.sizes, split), source_counts)]
+        if state.unit == 1:
+            out.luvc_llm_grids = [None if i in state.rows else grid for i, grid in enumerate(state.grids)]
     out.luvc_ledger = state.log
     for name, value in extra.items():
         setattr(out, name, value)
     return out
+
+
+def llm_grid(ids: Tensor, encoded: dict[int, BaseModelOutputWithPooling]) -> Tensor:
+    """[B, S, 6] each visual token's ``(item, frame, row, col, height, width)`` in its item's LLM grid.
+
+    ``encoded`` maps a placeholder token id to its encoder output. Items are
+    numbered across the batch (each image, video or tile its own number);
+    every entry is -1 for text and for items whose output gives no grid.
+    """
+    grid = torch.full((*ids.shape, 6), -1, dtype=torch.long, device=ids.device)
+    item = 0
+    for token_id, out in encoded.items():
+        rows = []
+        for count, shape in zip((len(f) for f in out.pooler_output),
+                                getattr(out, "luvc_llm_grids", None) or [None] * len(out.pooler_output)):
+            if shape is None or shape[0] * shape[1] * shape[2] != count:
+                rows.append(torch.full((count, 6), -1, dtype=torch.long))
+            else:
+                t, h, w = shape
+                cells = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"),
+                                    -1).reshape(-1, 3)
+                size = torch.tensor([[h, w]]).expand(count, 2)
+                rows.append(torch.cat([torch.full((count, 1), item), cells, size], 1))
+            item += 1
+        if rows:
+            mask = ids == token_id
+            grid = grid.masked_scatter(mask[..., None], torch.cat(rows).to(ids.device))
+    return grid
 
 
 class CompiledVLM:
@@ -161,12 +193,13 @@ class CompiledVLM:
                     raise CompileError(f"proportional_llm_attention: this model's {kind} features are not its "
                                        "vision tokens one for one, so their sizes are unknown; set it to false")
                 sizes = sizes.masked_scatter(mask, torch.cat(list(out.luvc_sizes)).to(sizes.device))
+        grid = llm_grid(ids, {token_ids[kind]: out for kind, out in encoded.items()})
         positions = self._luvc_positions(ids, valid, encoded, position_ids, rebuilt, kwargs)
         if cache is not None:
             last = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))
             cache.luvc_record = CacheRecord(next_position=last + 1)
         state = LLMState(embeds, valid, visual & valid, positions, torch.where(valid, source_index, -1),
-                         cache=cache, image_blocks=self._luvc_image_blocks(kwargs), log=[], sizes=sizes)
+                         cache=cache, image_blocks=self._luvc_image_blocks(kwargs), log=[], sizes=sizes, grid=grid)
         return state, length
 
     def _luvc_decode(self, input_ids, inputs_embeds, attention_mask, cache, record: CacheRecord):

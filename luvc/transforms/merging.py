@@ -66,13 +66,17 @@ class ImageTokens:
         return source.float().mean(dim=3)
 
 
-def map_images(state: VisionState, fn: Callable[[ImageTokens], tuple[Tensor, Tensor, Tensor, tuple]]) -> VisionState:
+def map_images(state: VisionState, fn: Callable[[ImageTokens], tuple[Tensor, Tensor, Tensor, tuple]],
+               as_rows: bool = False) -> VisionState:
     """A new state from ``fn(image) -> (hidden, sizes, positions, grid)`` applied to every image.
 
     ``fn`` returns its image's new tokens in any shape ending in ``D``, ``()``
     and ``2`` respectively (flattened here, in order) and its new unit grid.
+    ``as_rows``: ``fn`` lays each image out as one row ``(t, 1, n)`` of tokens
+    that no longer form its grid (an image already one row high stays a grid).
     """
     hidden, sizes, positions, grids = [], [], [], []
+    rows = set(state.rows)
     start = 0
     u = state.unit
     for grid in state.grids:
@@ -91,5 +95,7 @@ def map_images(state: VisionState, fn: Callable[[ImageTokens], tuple[Tensor, Ten
         sizes.append(s.reshape(-1))
         positions.append(p.reshape(-1, 2))
         grids.append(new_grid)
+        if as_rows and grid[1] > 1:
+            rows.add(len(grids) - 1)
     return state.replace(hidden=torch.cat(hidden), sizes=torch.cat(sizes), positions=torch.cat(positions),
-                         grids=tuple(grids))
+                         grids=tuple(grids), rows=frozenset(rows))

@@ -79,7 +79,7 @@ def tome(state: VisionState, params: ToMeParams) -> VisionState:
                               image.positions.reshape(*frame, state.unit, 2), src, dst)
         return x, s, p, (t, 1, h * w - r)
 
-    return map_images(state, merge)
+    return map_images(state, merge, as_rows=True)
 
 
 @hookimpl

@@ -105,7 +105,7 @@ def visionzip(state: VisionState, params: VisionZipParams) -> VisionState:
         frames = [zip_frame(x[f], s[f], p[f], scores[f], keys[f], dominant, contextual) for f in range(t)]
         return (*(torch.cat([fr[i] for fr in frames]) for i in range(3)), (t, 1, dominant + contextual))
 
-    return map_images(state, zip_image)
+    return map_images(state, zip_image, as_rows=True)
 
 
 @hookimpl
