@@ -258,5 +258,113 @@ def bench_fidelity(
     console.print(f"wrote {out / 'fidelity.json'}, {out / 'fidelity.md'}, {out / 'fidelity.png'}")
 
 
+def _fidelity_setup(checkpoint: Path | None, threads: int):
+    """The fidelity model and tokenizer (the shipped ones by default), and the shape schedules are solved for."""
+    import torch
+
+    from luvc.bench.tuning import Shape
+    from luvc.fidelity.model import CHECKPOINT, load_model, load_tokenizer
+    from luvc.models import find_adapter
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = checkpoint or CHECKPOINT
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    adapter = find_adapter(model)
+    vision_depth = sum(1 for name, _ in adapter.stack_nodes(model) if name.startswith("vision.blocks."))
+    from luvc.fidelity.tasks import SIZE
+
+    grid, _ = adapter.input_grid(model, SIZE, SIZE)
+    return model, tokenizer, Shape(model.config.text_config.num_hidden_layers, vision_depth, grid)
+
+
+def _scoring_progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+@bench.command("tune")
+def bench_tune(
+    checkpoint: Path | None = typer.Option(None, help="a checkpoint in the fidelity model's format (default: shipped)"),
+    method: list[str] = typer.Option([], help="method to tune (repeatable); default: every matched method"),
+    budget: list[str] = typer.Option([], help="third, quarter or ninth (repeatable); default: all three"),
+    val_count: int = typer.Option(500, help="validation items every grid point is scored on"),
+    test_count: int = typer.Option(500, help="held-out items each method's choice is scored on"),
+    batch_size: int = typer.Option(50, help="items per generate call"),
+    threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
+    out: Path = typer.Option(Path("bench-out/tune"), help="folder for tune.json and tune.md"),
+) -> None:
+    """Choose each method's free parameters on the validation split at each matched budget, then score the
+    choices held out: the same tuning courtesy for every method (grids in luvc.schedules.budgets.GRIDS)."""
+    import json
+
+    from luvc.bench import tuning
+    from luvc.bench.fidelity import load_items
+    from luvc.schedules.budgets import BUDGETS, GRIDS
+
+    methods = tuple(method) or tuple(GRIDS)
+    budgets = tuple(budget) or tuple(BUDGETS)
+    unknown = [m for m in methods if m not in GRIDS] + [b for b in budgets if b not in BUDGETS]
+    if unknown:
+        errors.print(f"[red]error[/]: unknown {', '.join(map(repr, unknown))}; methods: {', '.join(GRIDS)}; "
+                     f"budgets: {', '.join(BUDGETS)}")
+        raise typer.Exit(1)
+    model, tokenizer, shape = _fidelity_setup(checkpoint, threads)
+    val, test = load_items(None, val_count, "val"), load_items(None, test_count, "test")
+    runnable = [c for c in tuning.candidates(shape, methods, budgets) if c.excluded is None]
+    best_guess = len({(c.method, c.budget) for c in runnable})
+    batches = -(-val_count // batch_size) * (len(runnable) + 1) + -(-test_count // batch_size) * (best_guess + 1)
+    with _scoring_progress() as progress:
+        task = progress.add_task("tuning", total=batches)
+        cands, identity = tuning.tune(model, tokenizer, val, test, shape, methods, budgets, batch_size,
+                                      advance=lambda name: progress.update(task, advance=1, description=name))
+    out.mkdir(parents=True, exist_ok=True)
+    table = tuning.tune_markdown(cands, identity)
+    (out / "tune.md").write_text(table)
+    (out / "tune.json").write_text(json.dumps({"identity": identity, "chosen": tuning.chosen_settings(cands),
+                                               "candidates": tuning.to_json(cands)}, indent=2))
+    console.print(table)
+    console.print(f"chosen settings (luvc.schedules.budgets.TUNED): {tuning.chosen_settings(cands)}")
+    console.print(f"wrote {out / 'tune.md'}, {out / 'tune.json'}")
+
+
+@bench.command("ablation")
+def bench_ablation(
+    checkpoint: Path | None = typer.Option(None, help="a checkpoint in the fidelity model's format (default: shipped)"),
+    val_count: int = typer.Option(500, help="validation items"),
+    test_count: int = typer.Option(500, help="held-out items"),
+    batch_size: int = typer.Option(50, help="items per generate call"),
+    threads: int = typer.Option(0, help="CPU threads (0: torch's default)"),
+    out: Path = typer.Option(Path("bench-out/ablation"), help="folder for ablation.json and ablation.md"),
+) -> None:
+    """luvc-default with one factor changed at a time (SPU band x axis, OIM amount and placement, cascade
+    shape), each scored on the validation and the held-out split."""
+    import json
+
+    from luvc.bench import tuning
+    from luvc.bench.fidelity import load_items
+
+    model, tokenizer, shape = _fidelity_setup(checkpoint, threads)
+    splits = {"val": load_items(None, val_count, "val"), "test": load_items(None, test_count, "test")}
+    rows = tuning.ablation_variants(shape)
+    batches = sum(-(-len(items) // batch_size) * (len(rows) + 1) for items in splits.values())
+    with _scoring_progress() as progress:
+        task = progress.add_task("ablation", total=batches)
+        rows, identity = tuning.ablate(model, tokenizer, splits, shape, batch_size,
+                                       advance=lambda name: progress.update(task, advance=1, description=name))
+    out.mkdir(parents=True, exist_ok=True)
+    table = tuning.ablation_markdown(rows, identity)
+    (out / "ablation.md").write_text(table)
+    (out / "ablation.json").write_text(json.dumps({"identity": identity, "rows": [
+        {"factor": r.factor, "level": r.level, "schedule": r.schedule.model_dump(mode="json"),
+         **{split: {"accuracy": res.accuracy, "llm_flops_ratio": res.llm_flops_ratio,
+                    "mean_visual_tokens": res.mean_visual_tokens}
+            for split, res in r.scores.items()}} for r in rows]}, indent=2))
+    console.print(table)
+    console.print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}")
+
+
 if __name__ == "__main__":
     app()

@@ -77,7 +77,7 @@ def load_items(dataset: Path | None, count: int, split: str = "test") -> list[It
 
 def default_schedules(model, image_size: tuple[int, int],
                       infeasible: list[str] | None = None) -> list[tuple[str, str, Schedule]]:
-    """``(method, budget, schedule)``: identity, luvc-default, then every method at every matched budget,
+    """``(method, budget, schedule)``: identity, luvc-default, luvc-detail, then every method at every matched budget,
     solved for this model's depths and image grid; a method that cannot reach a budget at these depths
     is left out, and why is appended to ``infeasible``."""
     infeasible = [] if infeasible is None else infeasible
@@ -87,7 +87,8 @@ def default_schedules(model, image_size: tuple[int, int],
     vision_depth = sum(1 for name, _ in adapter.stack_nodes(model) if name.startswith("vision.blocks."))
     grid, _ = adapter.input_grid(model, *image_size)
     depth = model.config.text_config.num_hidden_layers
-    out = [("identity", "-", load_schedule("identity")), ("luvc", "default", load_schedule("luvc-default"))]
+    out = [("identity", "-", load_schedule("identity")), ("luvc", "default", load_schedule("luvc-default")),
+           ("luvc", "detail", load_schedule("luvc-detail"))]
     for budget in BUDGETS:
         for method in METHODS:
             try:
@@ -100,7 +101,7 @@ def default_schedules(model, image_size: tuple[int, int],
 def method_and_budget(name: str) -> tuple[str, str]:
     """``("fastv", "quarter")`` for ``fastv-quarter``; ``(name, "-")`` for a schedule of no matched budget."""
     method, _, budget = name.rpartition("-")
-    if method and (budget in BUDGETS or budget == "default"):
+    if method and (budget in BUDGETS or budget in ("default", "detail")):
         return method, budget
     return name, "-"
 
@@ -189,8 +190,8 @@ def markdown(results: list[FidelityResult], title: str, infeasible: tuple[str, .
         ranked = sorted((r for r in results if r.budget == budget), key=lambda r: -r.accuracy["overall"])
         if ranked:
             lines.append(f"* **{budget}**: " + ", ".join(
-                f"{'**' if r.method == 'luvc' else ''}{r.method} {100 * r.accuracy['overall']:.1f}%"
-                f"{'**' if r.method == 'luvc' else ''}" for r in ranked))
+                f"{'**' if r.method.startswith('luvc') else ''}{r.method} {100 * r.accuracy['overall']:.1f}%"
+                f"{'**' if r.method.startswith('luvc') else ''}" for r in ranked))
     if infeasible:
         lines += ["", "Not scored (no setting reaches the budget at this model's depth):", ""]
         lines += [f"* {reason}" for reason in infeasible]
@@ -205,7 +206,7 @@ def pareto_plot(results: list[FidelityResult], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    markers = {"third": "o", "quarter": "s", "ninth": "^", "default": "*", "-": "D"}
+    markers = {"third": "o", "quarter": "s", "ninth": "^", "default": "*", "detail": "P", "-": "D"}
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(("identity",) + METHODS)}
     for r in results:
         ax.scatter(r.llm_flops_ratio, 100 * r.accuracy["overall"], color=colors.get(r.method, "k"),
@@ -224,7 +225,7 @@ def pareto_plot(results: list[FidelityResult], path: Path, title: str) -> Path:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize="small", loc="lower right")
-    fig.text(0.01, 0.01, "o third  s quarter  ^ ninth  * luvc-default", fontsize="x-small")
+    fig.text(0.01, 0.01, "o third  s quarter  ^ ninth  * luvc-default  P luvc-detail", fontsize="x-small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -40,6 +40,50 @@ def test_cached_generate_matches_recomputing_the_prompt(schedule, mixed_batch_in
     assert torch.equal(cached, greedy_without_cache(tiny_model, mixed_batch_inputs, 4))
 
 
+#: Families whose LLM sees its image tokens in another layout than the encoder's grid (tiles stitched with
+#: newline tokens): SPU's grid axis has no grid there.
+NO_LLM_GRID = {"llava-onevision-tiny"}
+
+
+def test_detail_preset_scores_each_image_on_its_own_grid(family, mixed_batch_inputs, tiny_model):
+    """luvc-detail (SPU on each image's 2-D grid) generates with the KV cache as recomputation does, and reaches
+    zero visual tokens; where the family gives no grid it says so and what to use instead."""
+    luvc.compile(tiny_model, "luvc-detail")
+    if family in NO_LLM_GRID:
+        with pytest.raises(CompileError, match="(?s)axis: grid needs each image.s token grid.*use axis: hidden"):
+            generate(tiny_model, mixed_batch_inputs)
+        return
+    cached = generate(tiny_model, mixed_batch_inputs)
+    assert torch.equal(cached, greedy_without_cache(tiny_model, mixed_batch_inputs, 4))
+    assert luvc.ledger(tiny_model)[-1].visual == [0, 0, 0]
+
+
+def test_detail_scores_an_image_the_same_whatever_else_is_in_the_batch(astronaut, coffee, monkeypatch):
+    """luvc-detail's first SPU step scores an image's tokens the same alone and beside other samples with
+    other images (the batch pads it on the left)."""
+    from luvc.transforms import spectrum_prune as spu
+    from luvc.zoo import model_config, vlm_inputs
+
+    seen = []
+    original = spu.spu_scores
+
+    def recording(hidden, visual, params, grid=None):
+        scores = original(hidden, visual, params, grid)
+        seen.append(scores[0][visual[0]])
+        return scores
+
+    monkeypatch.setattr(spu, "spu_scores", recording)
+    model = build_model("qwen2-vl-tiny")
+    luvc.compile(model, "luvc-detail")
+    config = model_config("qwen2-vl-tiny")
+    firsts = []
+    for images in ([[astronaut]], [[astronaut], [coffee[:150, :300], astronaut[:100, :200]]]):
+        seen.clear()
+        model(**vlm_inputs(images, prompts=[(10, 11)] * len(images), pixels=160 * 160, config=config))
+        firsts.append(seen[0])
+    torch.testing.assert_close(firsts[1], firsts[0], rtol=1e-4, atol=1e-5)
+
+
 def test_compressed_generate_in_bf16(family, mixed_batch_inputs):
     model = build_model(family, dtype=torch.bfloat16)
     inputs = {k: (v.bfloat16() if k.startswith("pixel") else v) for k, v in mixed_batch_inputs.items()}

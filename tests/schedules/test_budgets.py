@@ -7,14 +7,19 @@ import math
 import pytest
 
 import luvc
-from luvc.schedules import load_schedule
+from luvc.registry import get_registry
+from luvc.schedules import Schedule, load_schedule, params_of
 from luvc.schedules.budgets import (
     BUDGETS,
+    LUVC_PRESETS,
     METHODS,
     REFERENCE,
+    TUNED,
     InfeasibleBudget,
+    luvc_schedule,
     matched_schedule,
     planned_budget,
+    planned_counts,
     reference_presets,
 )
 from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
@@ -48,7 +53,7 @@ def test_matched_schedules_adapt_to_another_depth():
 def test_a_budget_no_setting_reaches_is_refused_not_mislabelled():
     """FastV at layer 2 of 8 layers keeps 2 full layers: at least 64 tokens per layer, never a ninth (28.4)."""
     with pytest.raises(InfeasibleBudget, match=r"fastv-ninth: fastv reaches 64.0 .* not 28.4, with 8 decoder"):
-        matched_schedule("fastv", "ninth", llm_depth=8, vision_depth=4, grid=(1, 16, 16))
+        matched_schedule("fastv", "ninth", llm_depth=8, vision_depth=4, grid=(1, 16, 16), setting={"layer": 2})
 
 
 def test_the_fidelity_default_set_leaves_out_and_names_infeasible_budgets():
@@ -75,12 +80,61 @@ def test_run_time_budget_equals_the_plan_at_the_reference_depth(method):
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
-def test_luvc_matched_presets_are_the_default_with_its_keep_solved(budget):
-    """A luvc row in a comparison measures luvc-default's own design at another keep fraction."""
+def test_luvc_matched_presets_are_the_default_with_its_first_keep_solved(budget):
+    """A luvc row in a comparison measures luvc-default's own design (its merge, scoring and linear cascade,
+    at the tuned cascade positions) with the first step's keep solved for the budget."""
     default = load_schedule("luvc-default").model_dump(mode="json")
     matched = matched_schedule("luvc", budget, llm_depth=8, vision_depth=4, grid=(1, 16, 16)).model_dump(mode="json")
-    assert matched["vision"] == default["vision"] and matched["llm"][1:] == default["llm"][1:]
-    (got, want) = (matched["llm"][0], default["llm"][0])
-    assert got["at"] == want["at"] and got["params"]["keep"] > 0
-    assert {k: v for k, v in got["params"].items() if k != "keep"} == \
-        {k: v for k, v in want["params"].items() if k != "keep"}
+    assert matched["vision"] == default["vision"]
+    assert [s["params"].keys() for s in matched["llm"]] == [s["params"].keys() for s in default["llm"]]
+    assert matched["llm"][0]["params"]["keep"] > 0 and matched["llm"][-1]["params"]["keep"] == 0.0
+    assert [s["at"] for s in matched["llm"][:-1]] == [[at] for at in TUNED[budget]["luvc"]["cascade"]]
+    assert [s["params"]["keep"] for s in matched["llm"][1:]] == [s["params"]["keep"] for s in default["llm"][1:]]
+
+
+@pytest.mark.parametrize("name", sorted(LUVC_PRESETS))
+def test_luvc_preset_files_are_their_settings(name):
+    """Each luvc-* YAML file (written by hand, with comments) says exactly what its setting in
+    ``LUVC_PRESETS`` builds, so the ablation and the budget solver vary the shipped design."""
+    built = Schedule.model_validate({"name": name, **luvc_schedule(None, LUVC_PRESETS[name])})
+    assert load_schedule(name) == built.model_copy(update={"description": load_schedule(name).description})
+
+
+def merged_share(schedule, size: int) -> float:
+    """Share of a Qwen2-VL-2B image's visual tokens merged away before the projector, by the static plan."""
+    from luvc.models.qwen2_vl import Qwen2VLAdapter
+
+    config = model_config("qwen2-vl-2b")
+    model = type("M", (), {"config": config})()
+    grid, _ = Qwen2VLAdapter().input_grid(model, size, size)
+    left = planned_counts(schedule.model_copy(update={"llm": (), "eliminate_visual": False}), 1,
+                          config.vision_config.depth, grid)[0]
+    return 1 - left / math.prod(grid)
+
+
+@pytest.mark.parametrize("name", ["luvc-default", "luvc-mild", "luvc-aggressive"])
+def test_the_paper_presets_follow_the_paper(name):
+    """OIM alternates rows and columns and merges 20-40% before the projector (Qwen2-VL at 448 and 1344 px);
+    SPU scores each token's hidden vector by its low-frequency energy, in a cascade that narrows to zero."""
+    schedule = load_schedule(name)
+    spec = get_registry().transforms["orthogonal_merge"]
+    axes = [spec.bind(params_of(step), k).axis for k, step in enumerate(schedule.vision)]
+    assert axes[:2] == ["width", "height"] and {s.transform for s in schedule.vision} == {"orthogonal_merge"}
+    for size in (448, 1344):
+        assert 0.20 <= merged_share(schedule, size) <= 0.40, (name, size)
+    assert {s.transform for s in schedule.llm} == {"spectrum_prune"}
+    assert all(params_of(s).band == "low" and params_of(s).axis == "hidden" for s in schedule.llm)
+    counts = planned_counts(schedule, **REFERENCE)
+    assert counts == sorted(counts, reverse=True) and counts[-1] == 0 and counts[-2] > 0
+    drops = sorted({a - b for a, b in zip(counts, counts[1:]) if a != b})
+    assert max(drops) - min(drops) <= 2, "each later step removes the same count (linear narrowing)"
+
+
+def test_the_paper_default_merges_on_a_real_qwen2_vl_as_planned():
+    """Run time agrees with the plan: the tokens reaching the projector of a 448 px image."""
+    model = build_model("qwen2-vl-tiny", vision_layers=8)
+    inputs = vlm_inputs([[sample_image("astronaut")]], pixels=448 * 448, config=model_config("qwen2-vl-tiny"))
+    luvc.compile(model, "luvc-default")
+    model(**inputs)
+    rows = {r.node: r.visual[0] for r in luvc.ledger(model) if r.site == "vision"}
+    assert 0.20 <= 1 - rows["vision.merger"] / rows["vision.blocks.0"] <= 0.40
