@@ -104,5 +104,5 @@ def ledger(model: nn.Module) -> list:
         raise CompileError("the model is not compiled with luvc, so it keeps no token ledger")
     for module in model.modules():
         if "luvc_ledger" in module.__dict__:
-            return module.__dict__["luvc_ledger"]
+            return [row.resolve() for row in module.__dict__["luvc_ledger"]]
     return []

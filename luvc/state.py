@@ -19,15 +19,26 @@ class LedgerRow:
     """Visual tokens entering one graph node, per image (vision) or sample (llm).
 
     Transform rows also give ``removed``, the tokens the transform took away
-    (merged into neighbours or dropped), and the transform's name.
+    (merged into neighbours or dropped), and the transform's name. While a
+    forward runs, LLM rows hold their counts as device tensors (reading them
+    at every layer would make the host wait for the accelerator each time);
+    ``resolve`` turns them into lists, as ``luvc.ledger`` does.
     """
 
     node: str
     site: str
-    visual: list[int]
-    removed: list[int] = field(default_factory=list)
+    visual: list[int] | Tensor
+    removed: list[int] | Tensor = field(default_factory=list)
     transform: str | None = None
-    text: list[int] = field(default_factory=list)  # llm rows: text tokens per sample
+    text: list[int] | Tensor = field(default_factory=list)  # llm rows: text tokens per sample
+
+    def resolve(self) -> LedgerRow:
+        """This row with every count a list of ints."""
+        for name in ("visual", "removed", "text"):
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                setattr(self, name, value.tolist())
+        return self
 
 
 @dataclass(frozen=True)
@@ -97,8 +108,9 @@ class LLMState:
         return (~self.visual & self.valid).sum(dim=1).tolist()
 
     def ledger_row(self, node: str) -> LedgerRow:
-        """This state's counts as the ledger row of ``node``."""
-        return LedgerRow(node, "llm", self.visual_counts(), text=self.text_counts())
+        """This state's counts as the ledger row of ``node`` (device tensors until resolved)."""
+        visual = self.visual & self.valid
+        return LedgerRow(node, "llm", visual.sum(dim=1), text=(self.valid & ~visual).sum(dim=1))
 
 
 def compact(state: LLMState, keep: Tensor) -> LLMState:

@@ -60,9 +60,12 @@ class TransformNode(StackNode):
         else:
             out = self.spec.run(state, self.params)
         if not state.decoding:
-            before, after = _counts(state), _counts(out)
-            row = state.ledger_row(self.label) if self.site == "llm" else LedgerRow(self.label, self.site, before)
-            row.removed = [b - a for b, a in zip(before, after)]
+            if self.site == "llm":
+                row = state.ledger_row(self.label)
+                row.removed = row.visual - (out.visual & out.valid).sum(dim=1)
+            else:
+                before, after = state.tokens_per_image(), out.tokens_per_image()
+                row = LedgerRow(self.label, self.site, before, [b - a for b, a in zip(before, after)])
             row.transform = self.spec.name
             state.log.append(row)
         return out
@@ -71,6 +74,3 @@ class TransformNode(StackNode):
         fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
         return f"{self.spec.name}({fields})"
 
-
-def _counts(state) -> list[int]:
-    return state.tokens_per_image() if state.site == "vision" else state.visual_counts()

@@ -38,10 +38,10 @@ def prune_visual(state: LLMState, keep: float, score: Callable[[Tensor], Tensor]
     would be dropped or everything would be.
     """
     visual = state.visual & state.valid
-    counts = visual.sum(dim=1)
-    keep_counts = torch.tensor([keep_count(keep, int(n)) for n in counts], device=counts.device)
-    if bool((keep_counts == counts).all()):
+    counts = visual.sum(dim=1).tolist()  # the one wait for the device this step needs
+    keeps = [keep_count(keep, n) for n in counts]
+    if keeps == counts:
         return state
-    if bool((keep_counts == 0).all()):
+    if not any(keeps):
         return compact(state, ~visual)
-    return compact(state, keep_top(score(visual), visual, keep_counts))
+    return compact(state, keep_top(score(visual), visual, torch.tensor(keeps, device=visual.device)))

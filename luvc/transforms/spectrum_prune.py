@@ -130,8 +130,8 @@ def spu_scores(hidden: Tensor, visual: Tensor, params: SPUParams, grid: Tensor |
     if params.normalize:
         x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
     scores = torch.full(visual.shape, float("-inf"), device=hidden.device)
-    if params.axis == "hidden":
-        return scores.masked_scatter(visual, lowpass_energy(x[visual], params.cutoff, dim=-1, band=params.band))
+    if params.axis == "hidden":  # every token scored, text too, so nothing waits on the mask's count
+        return torch.where(visual, lowpass_energy(x, params.cutoff, dim=-1, band=params.band), scores)
     return scores.masked_scatter(visual, grid_scores(x, visual, grid, params.cutoff, params.band))
 
 
