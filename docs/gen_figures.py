@@ -14,7 +14,7 @@ from luvc.zoo import build_model
 def main(out: Path = Path(__file__).parent / "img") -> list[Path]:
     model = build_model("qwen2-vl-demo", device="meta")
     series = {}
-    for name in ("identity", "luvc-mild", "luvc-default", "luvc-aggressive"):
+    for name in ("identity", "luvc-mild", "luvc-default", "luvc-aggressive", "luvc-detail"):
         _, adapter, graph = luvc.lower(model, name)
         grid, unit = adapter.input_grid(model, 448, 448)
         series[name] = plan_counts(graph, [grid], unit)
