@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from luvc.errors import CompileError
+from luvc.errors import CompileError, ScheduleError
 from luvc.fx.passes import insert_transforms, verify
 from luvc.fx.trace import StackGraphModule, trace_stack
 from luvc.models import ModelAdapter, find_adapter
-from luvc.schedules import Schedule, load_schedule
+from luvc.models.adapter import CAPABILITIES
+from luvc.registry import get_registry
+from luvc.schedules import Schedule, load_schedule, params_of
 from luvc.schedules.loader import ScheduleLike
 
 
@@ -68,6 +70,7 @@ def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdap
     resolved = load_schedule(schedule)
     adapter = find_adapter(model)
     adapter.check(model)
+    check_capabilities(resolved, adapter)
     graph = insert_transforms(trace_stack(adapter.stack_nodes(model)), resolved)
     verify(graph, resolved)
     if resolved.proportional_llm_attention:
@@ -78,6 +81,26 @@ def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdap
                                "proportional_llm_attention: false")
         graph.luvc_llm_sizes = True
     return resolved, adapter, graph
+
+
+def check_capabilities(schedule: Schedule, adapter: ModelAdapter) -> None:
+    """Refuse a step that needs something of the model's adapter it does not provide.
+
+    Raises:
+        ScheduleError: naming the step's YAML line, what is missing and the fix.
+    """
+    have = getattr(adapter, "capabilities", frozenset())
+    registry = get_registry()
+    for stage in ("vision", "llm"):
+        for i, step in enumerate(getattr(schedule, stage)):
+            for capability, fix in registry.transforms[step.transform].requires(params_of(step)).items():
+                if capability not in have:
+                    raise ScheduleError(
+                        f"{step.transform} with these params needs {CAPABILITIES.get(capability, capability)}, "
+                        f"which the {adapter.name} adapter does not provide",
+                        source=schedule.source, line=schedule.line_of(stage, i, "params"),
+                        key=f"{stage}[{i}].params", hint=fix,
+                    )
 
 
 def uncompile(model: nn.Module) -> nn.Module:

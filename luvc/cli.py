@@ -65,9 +65,10 @@ def plugins() -> None:
     for name, spec in sorted(registry.transforms.items()):
         table.add_row(name, spec.site, registry.plugin_of(name), spec.summary)
     console.print(table)
-    table = Table("adapter", "architectures", title="Model adapters")
+    table = Table("adapter", "architectures", "capabilities", title="Model adapters")
     for adapter in registry.adapters:
-        table.add_row(adapter.name, ", ".join(adapter.architectures))
+        table.add_row(adapter.name, ", ".join(adapter.architectures),
+                      ", ".join(sorted(getattr(adapter, "capabilities", ()))) or "-")
     console.print(table)
 
 

@@ -10,6 +10,13 @@ from torch import nn
 
 from luvc.fx.nodes import StackNode
 
+#: What an adapter may give transforms beyond the basics, by name. An adapter lists the ones it
+#: gives as ``capabilities`` (a frozenset; none when absent); a transform step that needs one it
+#: lacks is refused at compile time (``TransformSpec.requires``).
+CAPABILITIES = {
+    "llm_grid": "each image's token grid in the LLM (encoder outputs carry luvc_llm_grids)",
+}
+
 
 @runtime_checkable
 class ModelAdapter(Protocol):
@@ -17,7 +24,8 @@ class ModelAdapter(Protocol):
 
     Vision block nodes returned by ``stack_nodes`` have a ``capture_keys``
     attribute: when the lowering pass sets it, the block stores its attention
-    keys on the state for the merge that follows.
+    keys on the state for the merge that follows. An adapter may also declare
+    ``capabilities``, the names of ``CAPABILITIES`` it provides.
     """
 
     name: str

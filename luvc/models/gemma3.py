@@ -85,6 +85,7 @@ class Gemma3Adapter:
 
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
+    capabilities = frozenset({"llm_grid"})
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, Gemma3ForConditionalGeneration)

@@ -68,6 +68,7 @@ class Idefics3Adapter:
 
     name = "idefics3"
     architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    capabilities = frozenset({"llm_grid"})
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, Idefics3ForConditionalGeneration)

@@ -130,6 +130,7 @@ class InternVLAdapter:
 
     name = "internvl"
     architectures = ("InternVLForConditionalGeneration",)
+    capabilities = frozenset({"llm_grid"})
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, InternVLForConditionalGeneration)

@@ -136,6 +136,7 @@ class LlavaAdapter:
 
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+    capabilities = frozenset({"llm_grid"})
     title = "LLaVA"
     #: the feature strategy the compiled tower implements, and why
     strategy = ("default", "class token dropped")

@@ -135,6 +135,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
 
     name = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
+    capabilities = frozenset()  # tiles stitched with newline tokens: no image grid in the LLM
     title = "LLaVA-OneVision"
     strategy = ("full", "SigLIP has no class token")
 

@@ -116,6 +116,7 @@ class Qwen2VLAdapter:
 
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
+    capabilities = frozenset({"llm_grid"})
     model_class: type = Qwen2VLForConditionalGeneration
     compiled_mixin: type  # set below: CompiledQwen2VLModel
 

@@ -35,6 +35,10 @@ class TransformSpec:
         bind: ``bind(params, occurrence)`` fixes per-occurrence choices when
             the schedule is lowered (OIM alternates its axis this way).
         summary: One line for listings.
+        requires: ``requires(params)`` is ``{capability: fix}`` for what the
+            step needs from the model's adapter beyond the basics (see
+            ``luvc.models.adapter.CAPABILITIES``); ``luvc.compile`` refuses a
+            schedule whose adapter lacks one, naming the step and the fix.
         needs_layer: ``llm`` transforms: ``run(state, params, layer=node)``
             also gets the decoder-layer node it runs before, to recompute what
             that layer would compute (attention rows, keys) without changing
@@ -51,3 +55,4 @@ class TransformSpec:
     bind: Callable[[Any, int], Any] = field(default=_unchanged)
     summary: str = ""
     needs_layer: bool = False
+    requires: Callable[[Any], dict[str, str]] = field(default=lambda params: {})

@@ -155,6 +155,8 @@ def luvc_transforms() -> list[TransformSpec]:
             run=spectrum_prune,
             plan=plan_count,
             eliminates=lambda params: params.keep == 0.0,
+            requires=lambda params: {"llm_grid": "use axis: hidden, which scores each token on its own"}
+            if params.axis == "grid" else {},
             summary="SPU: keep the visual tokens with the most low-frequency energy (attention-free)",
         )
     ]

@@ -47,15 +47,29 @@ NO_LLM_GRID = {"llava-onevision-tiny"}
 
 def test_detail_preset_scores_each_image_on_its_own_grid(family, mixed_batch_inputs, tiny_model):
     """luvc-detail (SPU on each image's 2-D grid) generates with the KV cache as recomputation does, and reaches
-    zero visual tokens; where the family gives no grid it says so and what to use instead."""
-    luvc.compile(tiny_model, "luvc-detail")
+    zero visual tokens; where the family gives no grid, compile says so, at the step's line, with the fix."""
     if family in NO_LLM_GRID:
-        with pytest.raises(CompileError, match="(?s)axis: grid needs each image.s token grid.*use axis: hidden"):
-            generate(tiny_model, mixed_batch_inputs)
+        with pytest.raises(ScheduleError, match=r"(?s)preset:luvc-detail:\d+: llm\[0\].params: spectrum_prune with "
+                           r"these params needs each image's token grid in the LLM.*llava_onevision adapter does "
+                           r"not provide.*use axis: hidden"):
+            luvc.compile(tiny_model, "luvc-detail")
         return
+    luvc.compile(tiny_model, "luvc-detail")
     cached = generate(tiny_model, mixed_batch_inputs)
     assert torch.equal(cached, greedy_without_cache(tiny_model, mixed_batch_inputs, 4))
     assert luvc.ledger(tiny_model)[-1].visual == [0, 0, 0]
+
+
+def test_a_grid_score_after_an_image_became_a_row_is_a_clear_error(astronaut):
+    """ToMe lays an image out as one row of tokens: SPU's grid axis then has no grid, and says so at run time."""
+    from luvc.zoo import model_config, vlm_inputs
+
+    model = build_model("qwen2-vl-tiny")
+    inputs = vlm_inputs([[astronaut]], prompts=[(10, 11)], config=model_config("qwen2-vl-tiny"))
+    luvc.compile(model, {"name": "row-then-grid", "vision": [{"transform": "tome", "at": 1, "params": {"ratio": 0.2}}],
+                         "llm": [{"transform": "spectrum_prune", "at": 1, "params": {"keep": 0.5, "axis": "grid"}}]})
+    with pytest.raises(CompileError, match="(?s)laid an image out as one row.*use axis: hidden"):
+        model(**inputs)
 
 
 def test_detail_scores_an_image_the_same_whatever_else_is_in_the_batch(astronaut, coffee, monkeypatch):
