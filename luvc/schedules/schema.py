@@ -52,6 +52,10 @@ class Step(BaseModel):
                     raise ValueError(f"fraction {item} must be between 0 and 1 (a fraction of depth)")
                 if isinstance(item, str) and not _is_range(item):
                     raise ValueError(f"{item!r} is not a range; write 'start:stop' or 'start:stop:step' with integers")
+                if isinstance(item, str) and item.count(":") == 2 and item.split(":")[2].strip() and \
+                        int(item.split(":")[2]) == 0:
+                    raise ValueError(f"range {item!r} has step 0; write a positive step, e.g. '1:4:1', or leave "
+                                     "it out")
         return value
 
 

@@ -11,6 +11,7 @@ several published methods on text-heavy inputs, so every comparison shows it.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ class PoolParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    stride: tuple[int, int] = Field((2, 2), description="[height, width] units pooled into one, e.g. [2, 2]")
+    stride: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
+        (2, 2), description="[height, width] units pooled into one, each at least 1, e.g. [2, 2]")
 
 
 def plan_grid(params: PoolParams, grid: tuple[int, int, int]) -> tuple[int, int, int]:

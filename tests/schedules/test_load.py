@@ -63,6 +63,8 @@ BAD = [
     ("at: [1, 2]", "at: [1, 1.5]", "fraction 1.5 must be between 0 and 1", 5),
     ("at: [1, 2]", "at: 'a:b'", "is not a range", 5),
     ("at: [1, 2]", "at: []", "needs at least one position", 5),
+    ("at: [1, 2]", "at: '1:4:0'", "range '1:4:0' has step 0; write a positive step", 5),
+    ("at: [1, 2]", "at: '1:4:00'", "range '1:4:00' has step 0", 5),
     ("    at: 3\n    params: {keep: 0.0}", "    at: 3\n    params: {keep: 0.1}",
      "claims to eliminate visual tokens, but no llm step removes every remaining visual token", 2),
     ("name: t", "name: t\ncolour: red", "unknown key 'colour'", 2),

@@ -207,3 +207,15 @@ def test_a_row_laid_image_keeps_its_cells_positions(family, mixed_batch_inputs):
     real = mixed_batch_inputs["attention_mask"].bool()
     torch.testing.assert_close(model(**mixed_batch_inputs).logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
     assert torch.equal(generate(model, mixed_batch_inputs), ref_tokens)
+
+
+@pytest.mark.parametrize("stride", [[0, 2], [-1, 2], [2, 0]])
+def test_pool_strides_below_one_are_refused_at_their_line(stride):
+    """A stride of 0 would divide by zero and a negative one plan a negative grid: both are schedule errors."""
+    from luvc import ScheduleError, load_schedule
+
+    text = f"name: t\nvision:\n  - transform: uniform_pool\n    at: 1.0\n    params: {{stride: {stride}}}\n"
+    axis = 0 if stride[0] < 1 else 1
+    with pytest.raises(ScheduleError, match=rf"^<yaml>:5: vision\[0\]\.params\.stride\[{axis}\]: input should be "
+                                            rf"greater than or equal to 1, got {stride[axis]}"):
+        load_schedule(text)
