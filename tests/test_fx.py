@@ -55,3 +55,15 @@ def test_verifier_rejects_a_graph_that_keeps_visual_tokens(tiny_model):
         "name": "partial", "llm": [{"transform": "spectrum_prune", "at": 1, "params": {"keep": 0.5}}]}))
     with pytest.raises(ScheduleError, match="not all gone before the last of the 4 decoder layers"):
         verify(graph, claim)
+
+
+def test_a_key_comparing_merge_right_after_another_transform_is_refused():
+    """The block's keys describe the tokens before the first transform at a position, not after it: a second,
+    key-comparing step there would silently compare hidden states instead, so it is refused at its line."""
+    schedule = ("name: t\nvision:\n  - transform: uniform_pool\n    at: 0.5\n    params: {stride: [1, 2]}\n"
+                "  - transform: orthogonal_merge\n    at: 0.5\n")
+    with pytest.raises(ScheduleError, match=r"^<yaml>:7: vision\[1\]\.at: orthogonal_merge compares tokens by the "
+                                            r"attention keys .* uniform_pool runs between them"):
+        luvc.compile(build_model("qwen2-vl-tiny"), schedule)
+    by_outputs = schedule + "    params: {metric: hidden}\n"  # compares the pooled tokens themselves: allowed
+    luvc.compile(build_model("qwen2-vl-tiny"), by_outputs)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 from conftest import FAMILIES
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import luvc
 import luvc.models
+from luvc import ScheduleError
 from luvc.fx.passes import plan_counts
 from luvc.zoo import build_model, sample_image, vlm_inputs
 
@@ -65,7 +66,7 @@ sample = st.tuples(st.lists(crop, max_size=2), st.lists(st.integers(10, 400), mi
 @example(family="qwen2-vl-tiny", batch=[([(28, 28)], [10])], schedule={  # a frame pooled to one unit, then ToMe
     "name": "found", "eliminate_visual": False, "llm": [],
     "vision": [{"transform": "uniform_pool", "at": 0, "params": {"stride": (2, 2)}},
-               {"transform": "tome", "at": 0, "params": {"ratio": 0.5}}]})
+               {"transform": "tome", "at": 1, "params": {"ratio": 0.5}}]})
 @given(family=st.sampled_from(sorted(MODELS)), schedule=schedules(), batch=st.lists(sample, min_size=1, max_size=3))
 def test_compiled_stack_invariants(family, schedule, batch):
     model = MODELS[family]
@@ -73,7 +74,11 @@ def test_compiled_stack_invariants(family, schedule, batch):
     inputs = vlm_inputs(images, prompts=[p for _, p in batch], pixels=96 * 96, config=model.config)
     placeholder = inputs["input_ids"] == model.config.image_token_id
     text_tokens = (inputs["attention_mask"].bool() & ~placeholder).sum(1).tolist()
-    luvc.compile(model, schedule)
+    try:
+        luvc.compile(model, schedule)
+    except ScheduleError as exc:  # a key-comparing merge right after another transform is refused by design
+        assume("keys no longer describe the tokens" not in str(exc))
+        raise
     try:
         with torch.no_grad():
             logits = model(**inputs).logits

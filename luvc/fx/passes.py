@@ -96,6 +96,18 @@ def _mark_key_capture(gm: fx.GraphModule, stage: str, schedule: Schedule) -> Non
                 source=schedule.source, line=schedule.line_of("vision", step, "at"), key=f"vision[{step}].at",
                 hint="place it after a block, e.g. at: 1.0 (the tower's exit), and alone at that position",
             )
+        module = gm.get_submodule(node.target)
+        after_transform = isinstance(feeder, fx.Node) and feeder.meta.get("kind") == "transform"
+        if after_transform and module.spec.needs_keys(module.params):
+            step = node.meta["step"]
+            raise ScheduleError(
+                f"{node.meta['transform']} compares tokens by the attention keys of the vision block before it, "
+                f"and at position {node.meta['index']} {feeder.meta['transform']} runs between them, so those "
+                "keys no longer describe the tokens",
+                source=schedule.source, line=schedule.line_of("vision", step, "at"), key=f"vision[{step}].at",
+                hint="give each such step a position of its own (e.g. at: [0.5, 0.75]), or, for "
+                     "orthogonal_merge, compare block outputs with metric: hidden",
+            )
         if is_block:
             block = gm.get_submodule(feeder.target)
             block.capture_keys = True

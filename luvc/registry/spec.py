@@ -35,6 +35,11 @@ class TransformSpec:
         bind: ``bind(params, occurrence)`` fixes per-occurrence choices when
             the schedule is lowered (OIM alternates its axis this way).
         summary: One line for listings.
+        needs_keys: ``vision`` transforms: ``needs_keys(params)`` is True when
+            the step compares tokens by the attention keys of the block right
+            before it (before the first block, the patch embeddings); the
+            lowering refuses such a step right after another transform, whose
+            tokens those keys no longer describe.
         requires: ``requires(params)`` is ``{capability: fix}`` for what the
             step needs from the model's adapter beyond the basics (see
             ``luvc.models.adapter.CAPABILITIES``); ``luvc.compile`` refuses a
@@ -55,4 +60,5 @@ class TransformSpec:
     bind: Callable[[Any, int], Any] = field(default=_unchanged)
     summary: str = ""
     needs_layer: bool = False
+    needs_keys: Callable[[Any], bool] = field(default=lambda params: False)
     requires: Callable[[Any], dict[str, str]] = field(default=lambda params: {})

@@ -145,6 +145,7 @@ def luvc_transforms() -> list[TransformSpec]:
             run=orthogonal_merge,
             plan=plan_grid,
             bind=_bind,
+            needs_keys=lambda params: params.metric == "keys",
             summary="OIM: merge neighbouring units along rows, then columns, keeping each image a grid",
         )
     ]

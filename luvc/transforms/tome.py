@@ -91,6 +91,7 @@ def luvc_transforms() -> list[TransformSpec]:
             params=ToMeParams,
             run=tome,
             plan=plan_grid,
+            needs_keys=lambda params: True,
             summary="ToMe: bipartite soft matching merges of whole units between vision blocks, size-weighted",
         )
     ]
