@@ -47,3 +47,7 @@ class CompileError(LuvcError, RuntimeError):
 
 class PluginError(LuvcError, RuntimeError):
     """A plugin registered something invalid or clashing; names the plugin."""
+
+
+class LuvcWarning(UserWarning):
+    """Something ran, but not as the schedule reads (e.g. a merge step that found nothing to merge)."""

@@ -32,6 +32,7 @@ Choices the paper leaves open, made here:
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from luvc.errors import LuvcWarning
 from luvc.registry import TransformSpec, hookimpl
 from luvc.state import VisionState, round_half_up
 from luvc.transforms.merging import ImageTokens, map_images, merge_units
@@ -126,7 +128,16 @@ def orthogonal_merge(state: VisionState, params: OIMParams) -> VisionState:
             x, s, p = (v.transpose(1, 2) for v in (x, s, p))
         return x, s, p, plan_grid(params, image.grid)
 
-    return map_images(state, merge)
+    out = map_images(state, merge)
+    idle = [grid for grid in state.grids if merges_per_line(grid[2 if params.axis == "width" else 1], params) == 0]
+    if idle:
+        side = "rows" if params.axis == "width" else "columns"
+        warnings.warn(
+            f"orthogonal_merge merged nothing along the {side} of {len(idle)} of {len(state.grids)} images (unit grid "
+            f"{idle[0][1]}x{idle[0][2]}): with ratio {params.ratio} and min_size {params.min_size}, lines of "
+            f"{idle[0][2 if params.axis == 'width' else 1]} units lose none; give it larger images, a larger ratio "
+            "or a smaller min_size", LuvcWarning, stacklevel=2)
+    return out
 
 
 def _bind(params: OIMParams, occurrence: int) -> OIMParams:

@@ -59,3 +59,17 @@ def test_orthogonal_merge_matches_plan(t, h, w, axis, ratio, min_size, metric):
     assert out.hidden.shape == (sum(a * b * c for a, b, c in out.grids) * unit, dim)
     assert float(out.sizes.sum()) == n
     assert out.keys is None and state.hidden.shape[0] == n  # the input state is untouched
+
+
+def test_a_step_that_merges_nothing_says_so():
+    """Lines too short for the ratio and min_size lose nothing: the step warns instead of passing silently."""
+    import pytest
+
+    from luvc.errors import LuvcWarning
+
+    state = VisionState(hidden=torch.randn(4, 8), sizes=torch.ones(4), positions=torch.zeros(4, 2),
+                        grids=((1, 2, 2),), unit=1, log=[])
+    with pytest.warns(LuvcWarning, match=r"merged nothing along the rows of 1 of 1 images \(unit grid 2x2\).*"
+                                         r"lines of 2 units lose none"):
+        out = orthogonal_merge(state, OIMParams(ratio=0.2, axis="width"))
+    assert out.grids == ((1, 2, 2),)
