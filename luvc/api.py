@@ -25,6 +25,7 @@ class CompileRecord:
     graph: StackGraphModule
     undo: dict
     state_keys: tuple[str, ...]
+    classes: dict[str, type]  # every module's class before compile, by qualified name
 
 
 def compile(model: nn.Module, schedule: ScheduleLike) -> nn.Module:  # noqa: A001 - the product's verb
@@ -51,9 +52,10 @@ def compile(model: nn.Module, schedule: ScheduleLike) -> nn.Module:  # noqa: A00
         )
     resolved, adapter, graph = lower(model, schedule)
     state_keys = tuple(model.state_dict().keys())
+    classes = {name: type(module) for name, module in model.named_modules()}
     undo = adapter.install(model, graph)
     model.__dict__["luvc_graph"] = graph
-    model._luvc = CompileRecord(resolved, adapter, graph, undo, state_keys)
+    model._luvc = CompileRecord(resolved, adapter, graph, undo, state_keys, classes)
     return model
 
 
@@ -115,10 +117,28 @@ def uncompile(model: nn.Module) -> nn.Module:
     record.adapter.uninstall(model, record.undo)
     del model._luvc
     model.__dict__.pop("luvc_graph", None)
-    leftovers = [name for name, m in model.named_modules() if type(m).__name__.startswith("Luvc")]
-    if leftovers or tuple(model.state_dict().keys()) != record.state_keys:
-        raise CompileError(f"uncompile left luvc modules behind: {leftovers[:5]}")
+    problems = unrestored(model, record)
+    if problems:
+        raise CompileError("uncompile could not restore the model exactly:\n  " + "\n  ".join(problems[:8]))
     return model
+
+
+def unrestored(model: nn.Module, record: CompileRecord) -> list[str]:
+    """What differs from the model as it was before ``compile``: module classes (by identity), modules
+    added or removed, state-dict keys."""
+    now = {name: type(module) for name, module in model.named_modules()}
+    problems = [f"{name or '<model>'}: " + (f"still a subclass of {was.__qualname__} ({cls.__qualname__})"
+                                            if issubclass(cls, was) else f"{cls.__qualname__}, not {was.__qualname__}")
+                for name, cls in now.items() if (was := record.classes.get(name)) is not None and cls is not was]
+    problems += [f"{name}: a module compile added" for name in now if name not in record.classes]
+    problems += [f"{name}: a module that is gone" for name in record.classes if name not in now]
+    keys = tuple(model.state_dict().keys())
+    if keys != record.state_keys:
+        added = sorted(set(keys) - set(record.state_keys))
+        missing = sorted(set(record.state_keys) - set(keys))
+        problems.append(f"state-dict keys differ: added {added[:3]}, missing {missing[:3]}"
+                        + ("" if added or missing else " (same keys, another order)"))
+    return problems
 
 
 def ledger(model: nn.Module) -> list:

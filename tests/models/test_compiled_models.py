@@ -146,6 +146,22 @@ def test_uncompile_restores_outputs_and_structure(single_image_inputs, tiny_mode
     assert not hasattr(tiny_model, "luvc_graph") and getattr(tiny_model, "_luvc", None) is None
 
 
+def test_uncompile_says_what_it_could_not_restore(monkeypatch):
+    """A class left swapped (the outer class keeps its name, so a name check would miss it) or a module left
+    behind is named, not reported as an empty list."""
+    model = build_model("qwen2-vl-tiny")
+    luvc.compile(model, "luvc-default")
+    adapter = model._luvc.adapter
+    monkeypatch.setattr(type(adapter), "uninstall", lambda self, m, record: m.add_module("stray", torch.nn.Identity()))
+    with pytest.raises(CompileError) as info:
+        luvc.uncompile(model)
+    message = str(info.value)
+    assert "could not restore the model exactly" in message
+    assert "<model>: still a subclass of Qwen2VLForConditionalGeneration" in message
+    assert "model: still a subclass of Qwen2VLModel (LuvcQwen2VLModel)" in message
+    assert "stray: a module compile added" in message
+
+
 def test_compile_twice_and_uncompile_uncompiled_are_errors(tiny_model):
     luvc.compile(tiny_model, "identity")
     with pytest.raises(CompileError, match=r"luvc.uncompile\(model\) first"):
