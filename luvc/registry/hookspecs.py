@@ -46,7 +46,9 @@ def luvc_model_adapters() -> list[ModelAdapter]:
 
     ``luvc.compile`` asks each adapter in turn whether it ``matches`` the
     model; the first that does is used. All model-specific code lives in the
-    adapter's module.
+    adapter's module. Two adapters that list the same architecture are a
+    ``PluginError`` naming both, unless one declares ``overrides``, a tuple
+    of the adapter names it replaces (those are then dropped).
     """
 
 

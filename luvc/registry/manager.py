@@ -63,7 +63,7 @@ class Registry:
         for plugin in extra:
             self.pm.register(plugin)
         self.transforms = self._collect_unique("luvc_transforms", lambda spec: spec.name)
-        self.adapters = [a for _, items in self._per_plugin("luvc_model_adapters") for a in items]
+        self.adapters = self._collect_adapters()
         presets = self._collect_unique("luvc_schedule_presets", None)
         self.presets: dict[str, Path] = {name: Path(path) for name, path in presets.items()}
 
@@ -94,6 +94,30 @@ class Registry:
             if value is not None:
                 results.append((impl.plugin_name, value))
         return results
+
+    def _collect_adapters(self) -> list:
+        """Every adapter, in registration order, but an adapter another one ``overrides`` (a tuple of adapter
+        names) is dropped for it.
+
+        Raises:
+            PluginError: two adapters claim one architecture and neither overrides the other.
+        """
+        owned = [(plugin, adapter) for plugin, items in self._per_plugin("luvc_model_adapters") for adapter in items]
+        overridden = {name for _, adapter in owned for name in getattr(adapter, "overrides", ())}
+        kept = [(plugin, adapter) for plugin, adapter in owned if adapter.name not in overridden]
+        claims: dict[str, tuple[str, object]] = {}
+        for plugin, adapter in kept:
+            for architecture in adapter.architectures:
+                if architecture in claims:
+                    other_plugin, other = claims[architecture]
+                    raise PluginError(
+                        f"luvc_model_adapters: {architecture} is claimed by adapter {other.name!r} "
+                        f"(plugin {other_plugin!r}) and by {adapter.name!r} (plugin {plugin!r})\n"
+                        f"  to replace the first, declare overrides = ({other.name!r},) on the second's adapter; "
+                        "or uninstall one of them"
+                    )
+                claims[architecture] = (plugin, adapter)
+        return [adapter for _, adapter in kept]
 
     def _collect_unique(self, hook_name: str, key_of) -> dict:
         collected: dict = {}

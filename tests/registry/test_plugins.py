@@ -87,6 +87,39 @@ def test_name_clash_names_both_plugins():
         Registry(autoload=False, extra=[_Clash()])
 
 
+class _ShadowingAdapter:
+    name = "my_qwen2_vl"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+    overrides: tuple[str, ...] = ()
+
+    def matches(self, model):
+        return type(model).__name__ in self.architectures
+
+
+class _Shadow:
+    def __init__(self, overrides: tuple[str, ...] = ()) -> None:
+        self.adapter = _ShadowingAdapter()
+        self.adapter.overrides = overrides
+
+    @hookimpl
+    def luvc_model_adapters(self):
+        return [self.adapter]
+
+
+def test_two_adapters_for_one_architecture_clash_loudly():
+    with pytest.raises(PluginError, match=r"(?s)Qwen2VLForConditionalGeneration is claimed by adapter 'qwen2_vl' "
+                                          r"\(plugin 'luvc.models.qwen2_vl'\) and by 'my_qwen2_vl'.*overrides = "
+                                          r"\('qwen2_vl',\)"):
+        Registry(autoload=False, extra=[_Shadow()])
+
+
+def test_an_adapter_that_declares_it_overrides_replaces_the_built_in():
+    shadow = _Shadow(overrides=("qwen2_vl",))
+    registry = Registry(autoload=False, extra=[shadow])
+    names = [a.name for a in registry.adapters]
+    assert "my_qwen2_vl" in names and "qwen2_vl" not in names and "qwen2_5_vl" in names
+
+
 class _Broken:
     @hookimpl
     def luvc_transforms(self):
