@@ -9,11 +9,19 @@
 __version__ = "0.1.0"
 
 from luvc.api import compile, ledger, lower, uncompile  # noqa: E402
-from luvc.errors import CompileError, LuvcError, PluginError, ScheduleError, UnsupportedModelError  # noqa: E402
+from luvc.errors import (  # noqa: E402
+    CompileError,
+    LuvcError,
+    PluginError,
+    ScheduleError,
+    UnknownModelError,
+    UnsupportedModelError,
+)
 from luvc.fx.trace import trace  # noqa: E402
 from luvc.schedules import Schedule, Step, load_schedule  # noqa: E402
 
 __all__ = [
-    "CompileError", "LuvcError", "PluginError", "Schedule", "ScheduleError", "Step", "UnsupportedModelError",
+    "CompileError", "LuvcError", "PluginError", "Schedule", "ScheduleError", "Step", "UnknownModelError",
+    "UnsupportedModelError",
     "__version__", "compile", "ledger", "load_schedule", "lower", "trace", "uncompile",
 ]

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from luvc.errors import LuvcError
+from luvc.errors import LuvcError, UnknownModelError
 
 app = typer.Typer(help="luvc: training-free visual-token compression for VLMs.", no_args_is_help=True,
                   add_completion=False)
@@ -87,7 +87,7 @@ def validate(
         loaded = luvc.load_schedule(Path(schedule) if Path(schedule).is_file() else schedule)
         if model is not None:
             luvc.lower(_load_model(model), loaded)
-    except (LuvcError, KeyError) as exc:
+    except LuvcError as exc:
         errors.print(f"[red]invalid[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     against = f" against {model}" if model else ""
@@ -106,11 +106,15 @@ def inspect(
     from luvc.fx.passes import plan_counts
 
     height, _, width = size.partition("x")
+    if not (height.isdigit() and (width or height).isdigit()):
+        errors.print(f"[red]error[/]: --size {size!r}: write SIDE or HEIGHTxWIDTH in pixels, e.g. 448 or 448x672",
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     try:
         built = _load_model(model)
         loaded, adapter, graph = luvc.lower(built, Path(schedule) if Path(schedule).is_file() else schedule)
         grid, unit = adapter.input_grid(built, int(height), int(width or height), frames)
-    except (LuvcError, KeyError, ValueError) as exc:
+    except LuvcError as exc:
         errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     console.print(str(graph), soft_wrap=True, highlight=False)
@@ -131,8 +135,12 @@ def _load_model(name: str):
         return build_model(name, device="meta")
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise KeyError(f"unknown model {name!r}: not a built-in config ({', '.join(CONFIGS)}) "
-                       "nor a directory with config.json")
+        import difflib
+
+        close = difflib.get_close_matches(name, CONFIGS, n=1)
+        raise UnknownModelError(f"unknown model {name!r}: not a built-in config "
+                                f"{f'(did you mean {close[0]!r}?) ' if close else ''}({', '.join(CONFIGS)}) "
+                                "nor a directory with config.json")
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     with torch.device("meta"):
@@ -179,7 +187,7 @@ def bench_speed(
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console) as progress:
             results = run_speed(built, schedule, specs, repeats, warmup, new_tokens, device, progress)
-    except (LuvcError, KeyError, MemoryError) as exc:
+    except (LuvcError, MemoryError) as exc:
         errors.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     from luvc.models import find_adapter

@@ -41,6 +41,10 @@ class UnsupportedModelError(LuvcError, TypeError):
     """No registered model adapter handles the given model."""
 
 
+class UnknownModelError(LuvcError, ValueError):
+    """A model named on the command line or to ``luvc.zoo`` is neither a built-in config nor a checkpoint."""
+
+
 class CompileError(LuvcError, RuntimeError):
     """A model cannot be compiled or uncompiled in its current state."""
 

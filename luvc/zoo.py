@@ -177,7 +177,13 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
     """The transformers config of one of ``CONFIGS`` (14 px patches); ``layers`` and
     ``vision_layers`` shrink the depth of the LLM and of the vision encoder."""
     if name not in CONFIGS:
-        raise KeyError(f"unknown model config {name!r}; built-in: {', '.join(CONFIGS)}")
+        import difflib
+
+        from luvc.errors import UnknownModelError
+
+        close = difflib.get_close_matches(name, CONFIGS, n=1)
+        raise UnknownModelError(f"unknown model config {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                                f"built-in: {', '.join(CONFIGS)}")
     spec = CONFIGS[name]
     text = dict(vocab_size=512, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     text.update(spec["text"])

@@ -54,10 +54,24 @@ def test_validate_reports_file_line_and_depth(tmp_path):
     (("validate", "luvc-defualt"), "did you mean 'luvc-default'"),
     (("validate", "luvc-default", "--model", "gpt-5"), "unknown model 'gpt-5'"),
     (("inspect", "--model", "qwen2-vl-tiny", "--schedule", "nope"), "unknown preset 'nope'"),
+    (("validate", "luvc-default", "--model", "qwen2-vl-tyni"), "did you mean 'qwen2-vl-tiny'?"),
+    (("inspect", "--model", "qwen2-vl-tiny", "--size", "big"), "--size 'big': write SIDE or HEIGHTxWIDTH"),
 ])
 def test_errors_exit_1_with_the_reason(args, fragment):
     result = run(*args)
     assert result.exit_code == 1 and fragment in result.output
+
+
+def test_an_internal_error_is_not_reported_as_a_user_mistake(monkeypatch):
+    """Only luvc's own errors are the user's to fix; a bug surfaces as itself, with its traceback."""
+    import luvc
+
+    def broken(*args, **kwargs):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(luvc, "lower", broken)
+    result = run("validate", "luvc-default", "--model", "qwen2-vl-tiny")
+    assert isinstance(result.exception, KeyError) and "invalid" not in result.output
 
 
 def test_inspect_shows_graph_and_planned_tokens():
