@@ -193,7 +193,8 @@ class CompiledVLM:
                     raise CompileError(f"proportional_llm_attention: this model's {kind} features are not its "
                                        "vision tokens one for one, so their sizes are unknown; set it to false")
                 sizes = sizes.masked_scatter(mask, torch.cat(list(out.luvc_sizes)).to(sizes.device))
-        grid = llm_grid(ids, {token_ids[kind]: out for kind, out in encoded.items()})
+        grid = llm_grid(ids, {token_ids[kind]: out for kind, out in encoded.items()}) \
+            if self.__dict__.get("_luvc_llm_grid") else None
         positions = self._luvc_positions(ids, valid, encoded, position_ids, rebuilt, kwargs)
         if cache is not None:
             last = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2))
@@ -264,6 +265,7 @@ def install_compiled(model: nn.Module, graph: nn.Module, inner_mixin: type, atte
 
     The outer class keeps its name, so ``save_pretrained`` records the original architecture.
     """
+    from luvc.fx.nodes import TransformNode
     from luvc.fx.passes import section
 
     inner = model.model
@@ -274,6 +276,8 @@ def install_compiled(model: nn.Module, graph: nn.Module, inner_mixin: type, atte
     model.__class__ = swapped(type(model), ExpandingGeneration, prefix="")
     inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
     inner.__dict__["_luvc_llm_sizes"] = getattr(graph, "luvc_llm_sizes", False)
+    inner.__dict__["_luvc_llm_grid"] = any(  # built only for a schedule that reads it: it costs every prefill
+        "llm_grid" in node.spec.requires(node.params) for node in graph.modules() if isinstance(node, TransformNode))
     return record
 
 
@@ -285,4 +289,5 @@ def uninstall_compiled(model: nn.Module, record: dict) -> None:
         module.__class__ = cls
     model.model.__dict__.pop("_luvc_sections", None)
     model.model.__dict__.pop("_luvc_llm_sizes", None)
+    model.model.__dict__.pop("_luvc_llm_grid", None)
     model.model.__dict__.pop("luvc_ledger", None)
