@@ -366,11 +366,8 @@ def bench_ablation(
     out.mkdir(parents=True, exist_ok=True)
     table = tuning.ablation_markdown(rows, identity)
     (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps({"identity": identity, "rows": [
-        {"factor": r.factor, "level": r.level, "schedule": r.schedule.model_dump(mode="json"),
-         **{split: {"accuracy": res.accuracy, "llm_flops_ratio": res.llm_flops_ratio,
-                    "mean_visual_tokens": res.mean_visual_tokens}
-            for split, res in r.scores.items()}} for r in rows]}, indent=2))
+    (out / "ablation.json").write_text(json.dumps({"identity": identity, "rows": tuning.ablation_to_json(rows)},
+                                                  indent=2))
     console.print(table)
     console.print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}")
 

@@ -101,12 +101,6 @@ class LLMState:
         """A new state with ``changes``; the adapter's cache is dropped, the ledger shared."""
         return dataclasses.replace(self, scratch={}, **changes)
 
-    def visual_counts(self) -> list[int]:
-        return (self.visual & self.valid).sum(dim=1).tolist()
-
-    def text_counts(self) -> list[int]:
-        return (~self.visual & self.valid).sum(dim=1).tolist()
-
     def ledger_row(self, node: str) -> LedgerRow:
         """This state's counts as the ledger row of ``node`` (device tensors until resolved)."""
         visual = self.visual & self.valid

@@ -28,6 +28,8 @@ from luvc.schedules.budgets import (
     degenerate,
     luvc_schedule,
     matched_schedule,
+    planned_budget,
+    solve_knob,
 )
 
 
@@ -57,6 +59,9 @@ class Shape:
 
     def degenerate(self, schedule: Schedule) -> str | None:
         return degenerate(schedule, self.llm_depth, self.vision_depth, self.grid)
+
+    def planned(self, schedule: Schedule) -> float:
+        return planned_budget(schedule, self.llm_depth, self.vision_depth, self.grid)
 
 
 def candidates(shape: Shape, methods: tuple[str, ...], budgets: tuple[str, ...]) -> list[Candidate]:
@@ -114,15 +119,22 @@ def tune(model, tokenizer, val_items: list[Item], test_items: list[Item], shape:
     return cands, {"val": val_ref.accuracy["overall"], "test": test_ref.accuracy["overall"]}
 
 
+def _scores(result: FidelityResult | None) -> dict | None:
+    return None if result is None else {"accuracy": result.accuracy, "llm_flops_ratio": result.llm_flops_ratio,
+                                        "mean_visual_tokens": result.mean_visual_tokens}
+
+
 def to_json(cands: list[Candidate]) -> list[dict]:
     """Every candidate: its setting, schedule, exclusion and scores."""
-    def scores(result: FidelityResult | None) -> dict | None:
-        return None if result is None else {"accuracy": result.accuracy, "llm_flops_ratio": result.llm_flops_ratio,
-                                            "mean_visual_tokens": result.mean_visual_tokens}
-
     return [{"method": c.method, "budget": c.budget, "setting": c.setting, "excluded": c.excluded,
              "schedule": c.schedule.model_dump(mode="json") if c.schedule else None,
-             "val": scores(c.val), "test": scores(c.test)} for c in cands]
+             "val": _scores(c.val), "test": _scores(c.test)} for c in cands]
+
+
+def ablation_to_json(rows: list[Variant]) -> list[dict]:
+    """Every ablation row: its factor, level, schedule and scores per split."""
+    return [{"factor": r.factor, "level": r.level, "schedule": r.schedule.model_dump(mode="json"),
+             **{split: _scores(result) for split, result in r.scores.items()}} for r in rows]
 
 
 @dataclass
@@ -147,14 +159,9 @@ def ablation_variants(shape: Shape) -> list[Variant]:
     rows = [variant("none", "luvc-default (the paper's LUVC)")]
     for band, axis in (("high", "hidden"), ("low", "grid"), ("high", "grid")):
         rows.append(variant("spu band x axis", f"{band} x {axis}", band=band, axis=axis))
-    for label, ratio in (("0%", None), ("~12%", 0.0625), ("~35%", 0.1875)):
-        if ratio is None:
-            schedule = luvc_schedule(None, {})
-            schedule["vision"] = []
-            rows.append(Variant("oim amount", label, Schedule.model_validate({"name": f"oim amount={label}",
-                                                                               **schedule})))
-        else:
-            rows.append(variant("oim amount", label, merge_ratio=ratio))
+    rows.append(variant("oim amount", "0%", merge_at=[]))
+    for label, ratio in (("~12%", 0.0625), ("~35%", 0.1875)):
+        rows.append(variant("oim amount", label, merge_ratio=ratio))
     rows.append(variant("oim placement", "early (1/4, 1/2 of the blocks)", merge_at=[0.25, 0.5]))
     rows.append(variant("oim placement", "middle (1/2, 3/4 of the blocks)", merge_at=[0.5, 0.75]))
     for label, ratio in (("~12%", 0.0625), ("~35%", 0.1875)):
@@ -164,22 +171,11 @@ def ablation_variants(shape: Shape) -> list[Variant]:
     kept_to_the_end["eliminate_visual"] = False
     rows.append(Variant("final all-drop", "without (the last layer sees 1/4 of the merged tokens)",
                         Schedule.model_validate({"name": "final all-drop=without", **kept_to_the_end})))
-    target = _planned(rows[0].schedule, shape)
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        geometric = Schedule.model_validate({"name": "x", **luvc_schedule(mid, {"shape": "geometric"})})
-        lo, hi = (mid, hi) if _planned(geometric, shape) < target else (lo, mid)
-    data = luvc_schedule(round(lo, 4), {"shape": "geometric"})
-    rows.append(Variant("cascade shape", f"geometric (keep {round(lo, 4)} at each step)",
-                        Schedule.model_validate({"name": "cascade shape=geometric", **data})))
+    keep = round(solve_knob(lambda q: shape.planned(Schedule.model_validate(
+        {"name": "x", **luvc_schedule(q, {"shape": "geometric"})})), shape.planned(rows[0].schedule), 0.0, 1.0), 4)
+    rows.append(Variant("cascade shape", f"geometric (keep {keep} at each step)", Schedule.model_validate(
+        {"name": "cascade shape=geometric", **luvc_schedule(keep, {"shape": "geometric"})})))
     return rows
-
-
-def _planned(schedule: Schedule, shape: Shape) -> float:
-    from luvc.schedules.budgets import planned_budget
-
-    return planned_budget(schedule, shape.llm_depth, shape.vision_depth, shape.grid)
 
 
 def ablate(model, tokenizer, splits: dict[str, list[Item]], shape: Shape, batch_size: int = 50,

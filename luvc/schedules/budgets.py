@@ -218,6 +218,19 @@ class InfeasibleBudget(ValueError):
     8-layer LLM: the two full layers alone exceed a ninth of the tokens per layer)."""
 
 
+def solve_knob(planned_at: Callable[[float], float], target: float, lo: float, hi: float) -> float:
+    """The knob in ``[lo, hi]`` whose planned budget ``planned_at(knob)`` is nearest ``target``, by bisection
+    (the budget is monotone in the knob, either way)."""
+    increasing = planned_at(hi) >= planned_at(lo)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if (planned_at(mid) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return min((lo, hi), key=lambda q: abs(planned_at(q) - target))
+
+
 def matched_schedule(method: str, budget: str, llm_depth: int, vision_depth: int,
                      grid: tuple[int, int, int], setting: dict[str, Any] | None = None) -> Schedule:
     """``method``'s schedule whose planned budget is nearest ``BUDGETS[budget]`` of the uncompressed count,
@@ -240,14 +253,8 @@ def matched_schedule(method: str, budget: str, llm_depth: int, vision_depth: int
     def planned(schedule: Schedule) -> float:
         return planned_budget(schedule, llm_depth, vision_depth, grid)
 
-    increasing = planned(build(hi)) >= planned(build(lo))
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if (planned(build(mid)) < target) == increasing:
-            lo = mid
-        else:
-            hi = mid
-    reached, best = min(((planned(s), s) for s in (build(lo), build(hi))), key=lambda pair: abs(pair[0] - target))
+    best = build(solve_knob(lambda q: planned(build(q)), target, lo, hi))
+    reached = planned(best)
     if abs(reached - target) > max(1.0, 0.05 * target):
         raise InfeasibleBudget(f"{name}: {method} reaches {reached:.1f} visual tokens per layer at best, not "
                                f"{target:.1f}, with {llm_depth} decoder layers and {vision_depth} vision blocks")

@@ -105,12 +105,12 @@ def grid_lowpass_energy(grid: Tensor, cutoff: float, band: str = "low") -> Tenso
 
 def grid_scores(x: Tensor, visual: Tensor, grid: Tensor | None, cutoff: float, band: str) -> Tensor:
     """[N] ``grid_lowpass_energy`` of each visual token (``x[visual]``), image frame by image frame."""
-    if grid is None or bool((grid[visual][:, 0] < 0).any()):
+    cells = None if grid is None else grid[visual]  # [N, 6] item, frame, row, col, height, width
+    if cells is None or bool((cells[:, 0] < 0).any()):
         raise CompileError(
             "spectrum_prune with axis: grid needs each image's token grid in the LLM, and this model's adapter "
             "gives none for these features (or a transform before it laid an image out as one row)\n"
             "  use axis: hidden, which scores each token on its own")
-    cells = grid[visual]  # [N, 6] item, frame, row, col, height, width
     tokens = x[visual]
     out = torch.empty(len(tokens), device=x.device)
     frame_ids = cells[:, 0] * (int(cells[:, 1].max()) + 1) + cells[:, 1]
