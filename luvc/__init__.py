@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from luvc.api import compile, ledger, lower, uncompile  # noqa: E402
+from luvc.api import compile, ledger, lower, trace, uncompile  # noqa: E402
 from luvc.errors import (  # noqa: E402
     CompileError,
     LuvcError,
@@ -17,7 +17,6 @@ from luvc.errors import (  # noqa: E402
     UnknownModelError,
     UnsupportedModelError,
 )
-from luvc.fx.trace import trace  # noqa: E402
 from luvc.schedules import Schedule, Step, load_schedule  # noqa: E402
 
 __all__ = [

@@ -10,8 +10,8 @@ from luvc.errors import CompileError, ScheduleError
 from luvc.fx.passes import insert_transforms, verify
 from luvc.fx.trace import StackGraphModule, trace_stack
 from luvc.models import ModelAdapter, find_adapter
-from luvc.models.adapter import CAPABILITIES
 from luvc.registry import get_registry
+from luvc.registry.adapter import CAPABILITIES
 from luvc.schedules import Schedule, load_schedule, params_of
 from luvc.schedules.loader import ScheduleLike
 
@@ -57,6 +57,15 @@ def compile(model: nn.Module, schedule: ScheduleLike) -> nn.Module:  # noqa: A00
     model.__dict__["luvc_graph"] = graph
     model._luvc = CompileRecord(resolved, adapter, graph, undo, state_keys, classes)
     return model
+
+
+def trace(model: nn.Module) -> StackGraphModule:
+    """The model's stacks as a ``torch.fx.GraphModule`` with blocks as leaves, no transform inserted.
+
+    Raises:
+        UnsupportedModelError: no registered adapter handles ``model``.
+    """
+    return trace_stack(find_adapter(model).stack_nodes(model))
 
 
 def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdapter, StackGraphModule]:

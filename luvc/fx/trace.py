@@ -73,15 +73,3 @@ def trace_stack(nodes: list[tuple[str, StackNode]]) -> StackGraphModule:
             module = root.get_submodule(node.target)
             node.meta.update(site=module.site, kind=module.kind, index=module.index)
     return StackGraphModule(root, graph, class_name="LuvcStack")
-
-
-def trace(model: nn.Module) -> StackGraphModule:
-    """The model's stacks as a ``torch.fx.GraphModule`` with blocks as leaves.
-
-    Raises:
-        UnsupportedModelError: no registered adapter handles ``model``.
-    """
-    from luvc.models import find_adapter
-
-    adapter = find_adapter(model)
-    return trace_stack(adapter.stack_nodes(model))

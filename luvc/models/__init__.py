@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from luvc.errors import UnsupportedModelError
-from luvc.models.adapter import ModelAdapter
+from luvc.registry.adapter import ModelAdapter
 
 
 def find_adapter(model: nn.Module) -> ModelAdapter:

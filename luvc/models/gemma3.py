@@ -36,10 +36,10 @@ from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
-from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
-from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
-from luvc.models.sized_attention import SizedCLIPAttention
 from luvc.registry import hookimpl
+from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState
 
 

@@ -29,10 +29,10 @@ from transformers.models.internvl.modeling_internvl import InternVLModelOutputWi
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
-from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
-from luvc.models.runtime import install_compiled, uninstall_compiled, vision_output
-from luvc.models.sized_attention import batched_sized_attention
 from luvc.registry import hookimpl
+from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.runtime.sized_attention import batched_sized_attention
 from luvc.state import LedgerRow, VisionState
 
 UNIT = 4  # the 2x2 block the pixel shuffle turns into one token

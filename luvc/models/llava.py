@@ -25,11 +25,11 @@ from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode, captured_output
-from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
-from luvc.models.runtime import CompiledVLM, install_compiled, uninstall_compiled, vision_output
-from luvc.models.sized_attention import SizedCLIPAttention
-from luvc.models.vision_scores import patch_scores
 from luvc.registry import hookimpl
+from luvc.runtime.compiled import CompiledVLM, install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.runtime.sized_attention import SizedCLIPAttention
+from luvc.runtime.vision_scores import patch_scores
 from luvc.state import LedgerRow, VisionState
 
 

@@ -36,9 +36,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
-from luvc.models.runtime import install_compiled, vision_output
-from luvc.models.sized_attention import SizedCLIPAttention
 from luvc.registry import hookimpl
+from luvc.runtime.compiled import install_compiled, vision_output
+from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState
 
 

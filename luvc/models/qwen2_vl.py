@@ -29,11 +29,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.vision_utils import get_vision_position_ids
 
 from luvc.fx.nodes import StackNode, captured_output
-from luvc.models.llm import DecoderLayerNode, FinalNormNode, check_attention
-from luvc.models.runtime import CompiledVLM, install_compiled, uninstall_compiled, vision_output
-from luvc.models.sized_attention import SizedVisionAttention
-from luvc.models.vision_scores import received_attention
 from luvc.registry import hookimpl
+from luvc.runtime.compiled import CompiledVLM, install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.runtime.sized_attention import SizedVisionAttention
+from luvc.runtime.vision_scores import received_attention
 from luvc.state import LedgerRow, VisionState
 
 

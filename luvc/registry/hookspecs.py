@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from luvc.models.adapter import ModelAdapter
+    from luvc.registry.adapter import ModelAdapter
     from luvc.registry.spec import TransformSpec
 
 hookspec = pluggy.HookspecMarker("luvc")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,9 +146,10 @@ class Registry:
 
 
 def _luvc_version() -> str:
-    from luvc import __version__
-
-    return __version__
+    try:
+        return importlib.metadata.version("luvc")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 _EXTRA_PLUGINS: list[object] = []

@@ -42,7 +42,7 @@ class TransformSpec:
             tokens those keys no longer describe.
         requires: ``requires(params)`` is ``{capability: fix}`` for what the
             step needs from the model's adapter beyond the basics (see
-            ``luvc.models.adapter.CAPABILITIES``); ``luvc.compile`` refuses a
+            ``luvc.registry.adapter.CAPABILITIES``); ``luvc.compile`` refuses a
             schedule whose adapter lacks one, naming the step and the fix.
         needs_layer: ``llm`` transforms: ``run(state, params, layer=node)``
             also gets the decoder-layer node it runs before, to recompute what

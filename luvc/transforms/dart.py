@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from luvc.models.llm import DecoderLayerNode, layer_keys
 from luvc.registry import TransformSpec, hookimpl
+from luvc.runtime.llm import DecoderLayerNode, layer_keys
 from luvc.state import LLMState
 from luvc.transforms.selection import keep_count, prune_visual
 

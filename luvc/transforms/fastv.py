@@ -19,8 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from luvc.models.llm import DecoderLayerNode, attention_rows
 from luvc.registry import TransformSpec, hookimpl
+from luvc.runtime.llm import DecoderLayerNode, attention_rows
 from luvc.state import LLMState
 from luvc.transforms.selection import keep_count, prune_visual
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from luvc.models.llm import DecoderLayerNode
 from luvc.registry import TransformSpec, hookimpl
+from luvc.runtime.llm import DecoderLayerNode
 from luvc.state import LLMState
 from luvc.transforms.fastv import last_token_attention
 from luvc.transforms.selection import keep_count, prune_visual

@@ -65,7 +65,7 @@ def test_sized_clip_attention_is_proportional_attention(attn_impl):
 
 def test_flash_form_equals_the_bias_form():
     """FlashAttention's form (sizes in the values, q/k/v padded to one width) is exact, checked on CPU."""
-    from luvc.models.sized_attention import log_sizes, size_weighted, unweight
+    from luvc.runtime.sized_attention import log_sizes, size_weighted, unweight
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(12, 4, 10) for _ in range(3))  # [tokens, heads, head_dim]
@@ -81,7 +81,7 @@ def test_flash_form_equals_the_bias_form():
 
 def test_a_key_of_size_two_attends_like_two_copies_of_it():
     """The LLM's mask with ``key_sizes``: a merged key of size s weighs as s identical keys."""
-    from luvc.models.llm import attention_mask
+    from luvc.runtime.llm import attention_mask
 
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)

@@ -9,9 +9,9 @@ from conftest import generate, greedy_without_cache
 import luvc
 from luvc.models import find_adapter
 from luvc.models.llava import CLIPLayerNode
-from luvc.models.llm import attention_rows
-from luvc.models.vision_scores import patch_scores, received_attention
 from luvc.registry import get_registry
+from luvc.runtime.llm import attention_rows
+from luvc.runtime.vision_scores import patch_scores, received_attention
 from luvc.state import LLMState, VisionState
 from luvc.transforms.dart import duplication_scores
 from luvc.transforms.tome import bipartite_pairs

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
-from luvc.models.sized_attention import log_sizes
+from luvc.runtime.sized_attention import log_sizes
 from luvc.state import LLMState
 
 #: The keyword transformers' decoder layers and models take the KV cache under (``cache`` from 5.24).

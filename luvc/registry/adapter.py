@@ -1,14 +1,14 @@
-"""What a model-family adapter provides. One adapter module per family holds all
-of that family's assumptions: where the stacks are, how blocks are called on a
-token state, and how placeholders and positions are rebuilt."""
+"""What a model-family adapter provides: the protocol ``luvc_model_adapters`` returns.
+
+One adapter module per family (``luvc.models``) holds all of that family's
+assumptions: where the stacks are, how blocks are called on a token state, and
+how placeholders and positions are rebuilt."""
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
 from torch import nn
-
-from luvc.fx.nodes import StackNode
 
 #: What an adapter may give transforms beyond the basics, by name. An adapter lists the ones it
 #: gives as ``capabilities`` (a frozenset; none when absent); a transform step that needs one it
@@ -22,8 +22,8 @@ CAPABILITIES = {
 class ModelAdapter(Protocol):
     """A model family's glue, registered through ``luvc_model_adapters``.
 
-    Vision block nodes returned by ``stack_nodes`` have a ``capture_keys``
-    attribute: when the lowering pass sets it, the block stores its attention
+    Nodes returned by ``stack_nodes`` are ``luvc.fx.nodes.StackNode`` leaves. Vision block
+    nodes have a ``capture_keys`` attribute: when the lowering pass sets it, the block stores its attention
     keys on the state for the merge that follows. An adapter may also declare
     ``capabilities``, the names of ``CAPABILITIES`` it provides.
     """
@@ -38,7 +38,7 @@ class ModelAdapter(Protocol):
         """Raise ``CompileError`` if this model instance cannot be compiled (e.g. an
         attention implementation the adapter cannot mask)."""
 
-    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Vision blocks, projector, decoder layers and final norm as named leaf nodes,
         in running order; names look like ``vision.blocks.3`` and ``llm.layers.0``."""
 

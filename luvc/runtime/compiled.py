@@ -22,7 +22,7 @@ except ImportError:
     _InnerOutput = BaseModelOutputWithPast
 
 from luvc.errors import CompileError
-from luvc.models.llm import CacheRecord, placeholder_keep, right_align, scatter_to_caller
+from luvc.runtime.llm import CacheRecord, placeholder_keep, right_align, scatter_to_caller
 from luvc.state import LLMState, VisionState
 
 
