@@ -57,6 +57,7 @@ class CompiledGemma3Model(CompiledLlavaModel):
     """Compiled Gemma 3 inner model: the SigLIP tower and the LLM run through the luvc graph."""
 
     _luvc_output_class = Gemma3ModelOutputWithPast
+    _luvc_read_kwargs = ("token_type_ids",)
 
     def get_image_features(self, pixel_values: Tensor, **kwargs):
         tower = self.vision_tower

@@ -98,6 +98,7 @@ class CompiledLlavaModel(CompiledVLM):
     _luvc_placeholders = {"image": "image_token_id"}
     _luvc_pixel_kwargs = {"image": ("pixel_values",)}
     _luvc_output_class = LlavaModelOutputWithPast
+    _luvc_config_kwargs = ("vision_feature_layer", "vision_feature_select_strategy")
 
     def get_image_features(self, pixel_values: Tensor, vision_feature_layer=None, vision_feature_select_strategy=None,
                            image_sizes=None, **kwargs):

@@ -84,6 +84,7 @@ class CompiledLlavaOnevisionModel(CompiledLlavaModel):
     _luvc_pixel_kwargs = {"image": ("pixel_values", "image_sizes", "batch_num_images"),
                           "video": ("pixel_values_videos",)}
     _luvc_output_class = LlavaOnevisionModelOutputWithPast
+    _luvc_config_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio")
 
     def _luvc_tiles(self, pixels: Tensor) -> tuple[VisionState, int]:
         """Run tiles ``[N, 3, H, W]`` through the vision section; return the state and the unmerged side."""

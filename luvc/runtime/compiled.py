@@ -100,6 +100,14 @@ class CompiledVLM:
     _luvc_pixel_kwargs: dict[str, tuple[str, ...]] = {"image": ("pixel_values",)}
     #: what the family's inner forward returns (its outer forward reads its fields)
     _luvc_output_class: type = _InnerOutput
+    #: other forward keywords the family's compiled forward reads (e.g. Gemma 3's ``token_type_ids``)
+    _luvc_read_kwargs: tuple[str, ...] = ()
+    #: keywords callers pass that carry nothing a compiled forward needs: it derives them from the input ids
+    #: (token types, cache positions) or its outer model applies them (``return_dict``, ``logits_to_keep``)
+    _luvc_ignored_kwargs: tuple[str, ...] = ("return_dict", "logits_to_keep", "cache_position", "mm_token_type_ids",
+                                             "token_type_ids")
+    #: keywords the compiled tower was built from the config's value of; another value per call is refused
+    _luvc_config_kwargs: tuple[str, ...] = ()
 
     def _luvc_positions(self, ids: Tensor, valid: Tensor, encoded: dict, position_ids: Tensor | None,
                         rebuilt: bool, kwargs: dict) -> Tensor:
@@ -139,6 +147,7 @@ class CompiledVLM:
                 f"{', '.join(wanted)} is not available from a luvc-compiled model: each layer sees its own tokens\n"
                 "  read visual-token counts with luvc.ledger(model), or luvc.uncompile(model) first"
             )
+        self._luvc_check_kwargs(kwargs)
         record = getattr(past_key_values, "luvc_record", None)
         if record is not None:
             return self._luvc_decode(input_ids, inputs_embeds, attention_mask, past_key_values, record)
@@ -154,6 +163,26 @@ class CompiledVLM:
         ledger = [row for out in encoded.values() for row in getattr(out, "luvc_ledger", [])] + state.log
         self.__dict__["luvc_ledger"] = ledger
         return self._luvc_output(scatter_to_caller(state, length), past_key_values, encoded)
+
+    def _luvc_check_kwargs(self, kwargs: dict) -> None:
+        """Refuse a forward keyword the compiled forward would otherwise drop without a word."""
+        read = {name for names in self._luvc_pixel_kwargs.values() for name in names}
+        read.update(self._luvc_read_kwargs, self._luvc_ignored_kwargs, getattr(self, "_luvc_rope_kwargs", ()))
+        read.update(self._luvc_config_kwargs)
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in read)
+        if unknown:
+            raise CompileError(
+                f"{type(self).__name__}.forward got {', '.join(map(repr, unknown))}, which a luvc-compiled model does "
+                "not use\n  leave them out, or luvc.uncompile(model) to run the model as transformers does"
+            )
+        config = self.config
+        for name in self._luvc_config_kwargs:
+            value = kwargs.get(name)
+            if value is not None and value != getattr(config, name, value):
+                raise CompileError(
+                    f"{name}={value!r} differs from the config's {getattr(config, name)!r}, which the compiled vision "
+                    f"tower was built with\n  set model.config.{name} before luvc.compile, or leave the keyword out"
+                )
 
     def _luvc_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs):
         token_ids = {kind: getattr(self.config, attr) for kind, attr in self._luvc_placeholders.items()}

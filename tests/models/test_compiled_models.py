@@ -234,3 +234,20 @@ def test_per_layer_outputs_are_refused_not_faked(single_image_inputs, tiny_model
     luvc.compile(tiny_model, "luvc-default")
     with pytest.raises(CompileError, match="output_hidden_states is not available"):
         tiny_model(**single_image_inputs, output_hidden_states=True)
+
+
+def test_an_unknown_forward_keyword_is_refused_not_dropped(single_image_inputs, tiny_model):
+    luvc.compile(tiny_model, "luvc-default")
+    with pytest.raises(CompileError, match=r"got 'cu_seq_lens_q', which a luvc-compiled model does not use"):
+        tiny_model(**single_image_inputs, cu_seq_lens_q=torch.tensor([0, 4]))
+
+
+def test_a_per_call_vision_setting_other_than_the_config_is_refused(astronaut):
+    from luvc.zoo import model_config, vlm_inputs
+
+    model = build_model("llava-tiny")
+    inputs = vlm_inputs([[astronaut]], config=model_config("llava-tiny"))
+    luvc.compile(model, "luvc-default")
+    model(**inputs, vision_feature_layer=model.config.vision_feature_layer)  # the config's own value: fine
+    with pytest.raises(CompileError, match=r"vision_feature_layer=-3 differs from the config's -2"):
+        model(**inputs, vision_feature_layer=-3)
