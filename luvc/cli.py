@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import typer
@@ -19,6 +20,19 @@ MODEL_HELP = ("built-in config (luvc.zoo: qwen2-vl-tiny, qwen2.5-vl-tiny, llava-
               "or a local checkpoint directory")
 
 
+#: What ``luvc demo`` and ``luvc bench`` import beyond the core install; the ``bench`` extra installs them.
+BENCH_MODULES = ("matplotlib", "skimage", "PIL")
+
+
+def require_bench_extra(command: str) -> None:
+    """Stop with a clear message when ``command`` needs modules the core install leaves out."""
+    missing = [name for name in BENCH_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        errors.print(f"[red]error[/]: luvc {command} needs {', '.join(missing)}, which the core install leaves "
+                     "out\n  pip install 'luvc\\[bench]'", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
 @app.callback()
 def main() -> None:
     """luvc: compress the visual tokens of vision-language models, training-free."""
@@ -34,6 +48,7 @@ def demo(
     repeats: int = typer.Option(3, help="timed repeats (median reported)"),
 ) -> None:
     """Compile a random-weight Qwen2-VL and show tokens per layer, FLOPs and wall time before/after."""
+    require_bench_extra("demo")
     from luvc.demo import run_demo
 
     run_demo(model, schedule, image, size * size, new_tokens, repeats)
@@ -149,6 +164,12 @@ def _load_model(name: str):
 
 bench = typer.Typer(help="Benchmarks: schedules against identity, measured in the same run.", no_args_is_help=True)
 app.add_typer(bench, name="bench")
+
+
+@bench.callback()
+def bench_main() -> None:
+    """Benchmarks: schedules against identity, measured in the same run."""
+    require_bench_extra("bench")
 
 
 @bench.command("speed")

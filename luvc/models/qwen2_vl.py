@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_position_ids
 
 from luvc.fx.nodes import StackNode, captured_output
@@ -142,6 +141,9 @@ class Qwen2VLAdapter:
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1,
                    max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[tuple[int, int, int], int]:
+        # the processor module imports PIL, which the core install leaves out: only sizing needs it
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
         vision = model.config.vision_config
         m, patch = vision.spatial_merge_size, vision.patch_size
         h, w = smart_resize(height, width, factor=patch * m, max_pixels=max_pixels)
