@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import yaml
 from torch import nn
 
 from luvc.errors import CompileError, ScheduleError
@@ -26,19 +28,29 @@ class CompileRecord:
     undo: dict
     state_keys: tuple[str, ...]
     classes: dict[str, type]  # every module's class before compile, by qualified name
+    saved_schedule: Any  # model.config.luvc_schedule before compile (_ABSENT if it had none)
 
 
-def compile(model: nn.Module, schedule: ScheduleLike) -> nn.Module:  # noqa: A001 - the product's verb
+#: The config key a compiled model records its schedule under, so that ``save_pretrained`` keeps it.
+SCHEDULE_KEY = "luvc_schedule"
+_ABSENT = object()
+
+
+def compile(model: nn.Module, schedule: ScheduleLike | None = None) -> nn.Module:  # noqa: A001 - the product's verb
     """Apply a compression schedule to ``model`` in place and return it.
 
     Everything is validated before anything changes: on error the model is
     untouched. Afterwards the model's own ``forward`` and ``generate`` run
     through the compiled stack graph (``model.luvc_graph``); weights are never
-    modified, and ``luvc.uncompile`` restores the original exactly.
+    modified, and ``luvc.uncompile`` restores the original exactly. The
+    schedule is recorded in ``model.config.luvc_schedule``, so a checkpoint
+    saved with ``save_pretrained`` carries it (plain transformers loads such a
+    checkpoint as usual and ignores the key).
 
     Args:
         model: a supported Hugging Face VLM (see ``luvc plugins``).
-        schedule: anything ``luvc.load_schedule`` accepts.
+        schedule: anything ``luvc.load_schedule`` accepts; by default the one
+            recorded in ``model.config.luvc_schedule``.
 
     Raises:
         ScheduleError: the schedule is invalid or does not fit this model.
@@ -50,13 +62,32 @@ def compile(model: nn.Module, schedule: ScheduleLike) -> nn.Module:  # noqa: A00
             f"this {type(model).__name__} is already compiled with {model._luvc.schedule.name!r}\n"
             "  call luvc.uncompile(model) first"
         )
+    if schedule is None:
+        schedule = saved_schedule(model)
     resolved, adapter, graph = lower(model, schedule)
     state_keys = tuple(model.state_dict().keys())
     classes = {name: type(module) for name, module in model.named_modules()}
+    before = getattr(model.config, SCHEDULE_KEY, _ABSENT)
     undo = adapter.install(model, graph)
     model.__dict__["luvc_graph"] = graph
-    model._luvc = CompileRecord(resolved, adapter, graph, undo, state_keys, classes)
+    setattr(model.config, SCHEDULE_KEY, yaml.safe_load(resolved.to_yaml()))
+    model._luvc = CompileRecord(resolved, adapter, graph, undo, state_keys, classes, before)
     return model
+
+
+def saved_schedule(model: nn.Module) -> dict:
+    """The schedule recorded in ``model.config`` by ``compile`` (and so in a checkpoint saved after it).
+
+    Raises:
+        CompileError: the config has none.
+    """
+    data = getattr(getattr(model, "config", None), SCHEDULE_KEY, None)
+    if data is None:
+        raise CompileError(
+            f"no schedule given, and this {type(model).__name__}'s config has no {SCHEDULE_KEY} (a model saved "
+            "after luvc.compile records one)\n  pass one, e.g. luvc.compile(model, 'luvc-default')"
+        )
+    return data
 
 
 def trace(model: nn.Module) -> StackGraphModule:
@@ -125,6 +156,10 @@ def uncompile(model: nn.Module) -> nn.Module:
         raise CompileError(f"this {type(model).__name__} is not compiled with luvc; nothing to undo")
     record.adapter.uninstall(model, record.undo)
     del model._luvc
+    if record.saved_schedule is _ABSENT:
+        delattr(model.config, SCHEDULE_KEY)
+    else:
+        setattr(model.config, SCHEDULE_KEY, record.saved_schedule)
     model.__dict__.pop("luvc_graph", None)
     problems = unrestored(model, record)
     if problems:

@@ -251,3 +251,24 @@ def test_a_per_call_vision_setting_other_than_the_config_is_refused(astronaut):
     model(**inputs, vision_feature_layer=model.config.vision_feature_layer)  # the config's own value: fine
     with pytest.raises(CompileError, match=r"vision_feature_layer=-3 differs from the config's -2"):
         model(**inputs, vision_feature_layer=-3)
+
+
+def test_a_saved_compiled_model_compiles_itself_from_its_config(tmp_path, single_image_inputs, family):
+    from transformers import AutoModelForImageTextToText
+
+    model = build_model(family)
+    luvc.compile(model, "luvc-mild")
+    expected = model(**single_image_inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()  # plain transformers loads it
+    assert type(loaded) is type(build_model(family))
+    assert loaded.config.luvc_schedule["name"] == "luvc-mild"
+    luvc.compile(loaded)
+    assert loaded._luvc.schedule == luvc.load_schedule("luvc-mild")
+    torch.testing.assert_close(loaded(**single_image_inputs).logits, expected)
+    luvc.uncompile(loaded)
+    assert loaded.config.luvc_schedule["name"] == "luvc-mild"  # as loaded
+    luvc.uncompile(model)
+    assert not hasattr(model.config, "luvc_schedule")
+    with pytest.raises(CompileError, match="no schedule given, and this .* config has no luvc_schedule"):
+        luvc.compile(model)
