@@ -14,6 +14,7 @@ from luvc.fx.trace import StackGraphModule, trace_stack
 from luvc.models import ModelAdapter, find_adapter
 from luvc.registry import get_registry
 from luvc.registry.adapter import CAPABILITIES
+from luvc.runtime.hf import attn_implementation
 from luvc.schedules import Schedule, load_schedule, params_of
 from luvc.schedules.loader import ScheduleLike
 
@@ -116,7 +117,7 @@ def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdap
     graph = insert_transforms(trace_stack(adapter.stack_nodes(model)), resolved)
     verify(graph, resolved)
     if resolved.proportional_llm_attention:
-        impl = model.config.get_text_config()._attn_implementation
+        impl = attn_implementation(model.config.get_text_config())
         if impl not in ("sdpa", "eager"):
             raise CompileError(f"proportional_llm_attention needs an additive attention bias, which "
                                f"{impl!r} cannot take\n  load the model with attn_implementation='sdpa', or set "

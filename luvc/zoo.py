@@ -31,9 +31,11 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
     SiglipVisionConfig,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from luvc.runtime import hf
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
 
@@ -242,9 +244,8 @@ def build_model(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,
                 vision_layers: int | None = None):
     """A randomly initialised model of one of ``CONFIGS``, in eval mode; ``device="meta"`` allocates nothing."""
     config = model_config(name, layers, vision_layers)
-    config._attn_implementation = attn
-    config.text_config._attn_implementation = attn
-    config.vision_config._attn_implementation = attn
+    for c in (config, config.text_config, config.vision_config):
+        hf.set_attn_implementation(c, attn)
     torch.manual_seed(seed)
     with torch.device(device):
         model = FAMILIES[CONFIGS[name]["family"]][1](config).eval().to(dtype)
@@ -368,10 +369,7 @@ def _onevision_inputs(images, videos, prompts, config) -> dict:
     plus any-resolution tiles, a sample with several gets base tiles only (``batch_num_images``); videos
     are resized frames. Placeholders per image and video are what the model's packing makes of them."""
     from PIL import Image
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    from transformers import LlavaOnevisionImageProcessorPil
 
     from luvc.models.llava_onevision import packed_length
 
@@ -392,7 +390,7 @@ def _onevision_inputs(images, videos, prompts, config) -> dict:
         for row, sample in zip(rows, images):
             for _ in sample:
                 size = next(sizes)
-                tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, side) if len(sample) == 1 else 1
+                tiles = hf.image_size_to_num_patches(size, config.image_grid_pinpoints, side) if len(sample) == 1 else 1
                 row += [config.image_token_id] * packed_length(tiles, grid, size, config)
     clips = [video for sample in videos for video in sample]
     if clips:

@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from luvc.fidelity.tasks import SIZE, Item, vocabulary
+from luvc.runtime.hf import set_attn_implementation
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 SHIPPED = "luvc/fidelity/checkpoint (shipped)"  # how reports name CHECKPOINT, wherever luvc is installed
@@ -61,7 +62,7 @@ def new_model(seed: int = 0, attn: str = "sdpa", llm_layers: int = 8,
     """The untrained fidelity model (``fidelity_config``'s architecture)."""
     config = fidelity_config(llm_layers, llm_mlp)
     for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = attn
+        set_attn_implementation(c, attn)
     torch.manual_seed(seed)
     return Qwen2VLForConditionalGeneration(config)
 

@@ -29,14 +29,13 @@ import functools
 import torch
 from torch import Tensor, nn
 from transformers import Gemma3ForConditionalGeneration
-from transformers.cache_utils import DynamicLayer
-from transformers.models.gemma3.modeling_gemma3 import Gemma3ModelOutputWithPast
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
+from luvc.runtime import hf
 from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedCLIPAttention
@@ -56,7 +55,7 @@ class PooledProjectorNode(PixelShuffleProjectorNode):
 class CompiledGemma3Model(CompiledLlavaModel):
     """Compiled Gemma 3 inner model: the SigLIP tower and the LLM run through the luvc graph."""
 
-    _luvc_output_class = Gemma3ModelOutputWithPast
+    _luvc_output_class = hf.Gemma3ModelOutputWithPast
     _luvc_read_kwargs = ("token_type_ids",)
 
     def get_image_features(self, pixel_values: Tensor, **kwargs):
@@ -77,7 +76,7 @@ class CompiledGemma3Model(CompiledLlavaModel):
 
     def _luvc_prefill(self, input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs):
         if cache is not None:  # windows are masked by position; evicting by count would drop kept keys
-            cache.layers = [layer if type(layer) is DynamicLayer else DynamicLayer() for layer in cache.layers]
+            hf.full_attention_cache(cache)
         return super()._luvc_prefill(input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs)
 
 
@@ -93,9 +92,9 @@ class Gemma3Adapter:
 
     def check(self, model: nn.Module) -> None:
         text = model.model.language_model.config
-        if text._attn_implementation not in ("eager", "sdpa"):
+        if hf.attn_implementation(text) not in ("eager", "sdpa"):
             raise CompileError(f"luvc's Gemma 3 adapter needs attn_implementation 'sdpa' or 'eager', not "
-                               f"{text._attn_implementation!r}: sliding windows by position and bidirectional "
+                               f"{hf.attn_implementation(text)!r}: sliding windows by position and bidirectional "
                                "image blocks need an explicit mask")
         if text.use_bidirectional_attention:
             raise CompileError("luvc's Gemma 3 adapter supports the causal language model "

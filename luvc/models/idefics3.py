@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from transformers import Idefics3ForConditionalGeneration
-from transformers.models.idefics3.modeling_idefics3 import Idefics3BaseModelOutputWithPast
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
@@ -30,6 +29,7 @@ from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.hf import Idefics3BaseModelOutputWithPast
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState

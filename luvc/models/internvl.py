@@ -24,13 +24,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from transformers import InternVLForConditionalGeneration
-from transformers.models.internvl.modeling_internvl import InternVLModelOutputWithPast
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.hf import InternVLModelOutputWithPast
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import batched_sized_attention
 from luvc.state import LedgerRow, VisionState

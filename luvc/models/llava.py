@@ -21,12 +21,12 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration
-from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import CompiledVLM, install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.hf import LlavaModelOutputWithPast
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.runtime.vision_scores import patch_scores

@@ -28,16 +28,16 @@ import math
 import torch
 from torch import Tensor, nn
 from transformers import LlavaOnevisionForConditionalGeneration
-from transformers.models.llava_onevision.modeling_llava_onevision import (
+
+from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
+from luvc.registry import hookimpl
+from luvc.runtime.compiled import install_compiled, vision_output
+from luvc.runtime.hf import (
     LlavaOnevisionModelOutputWithPast,
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
     unpad_image,
 )
-
-from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
-from luvc.registry import hookimpl
-from luvc.runtime.compiled import install_compiled, vision_output
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState
 

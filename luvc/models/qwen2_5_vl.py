@@ -18,11 +18,11 @@ import dataclasses
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.vision_utils import get_vision_window_index
 
 from luvc.fx.nodes import StackNode
 from luvc.models.qwen2_vl import CompiledQwen2VLModel, Qwen2VLAdapter, VisionBlockNode, _cumulative
 from luvc.registry import hookimpl
+from luvc.runtime.hf import get_vision_window_index
 from luvc.state import LedgerRow, VisionState
 
 

@@ -18,17 +18,15 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen2VLForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.vision_utils import get_vision_position_ids
 
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.registry import hookimpl
+from luvc.runtime import hf
 from luvc.runtime.compiled import CompiledVLM, install_compiled, uninstall_compiled, vision_output
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedVisionAttention
@@ -80,7 +78,7 @@ class VisionBlockNode(StackNode):
         q, k, _ = captured[0].reshape(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
         received = None
         if self.capture_attention:
-            apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            apply_rotary = hf.vision_rotary_function(attn)
             q, k_rot = apply_rotary(q, k, *rope)
             received = received_attention(q, k_rot, cu_seqlens, attn.scaling)
         return out, k.mean(dim=1), received
@@ -141,23 +139,20 @@ class Qwen2VLAdapter:
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1,
                    max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[tuple[int, int, int], int]:
-        # the processor module imports PIL, which the core install leaves out: only sizing needs it
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         vision = model.config.vision_config
         m, patch = vision.spatial_merge_size, vision.patch_size
-        h, w = smart_resize(height, width, factor=patch * m, max_pixels=max_pixels)
+        h, w = hf.smart_resize(height, width, factor=patch * m, max_pixels=max_pixels)
         t = max(1, frames // vision.temporal_patch_size)
         return (t, h // patch // m, w // patch // m), m * m
 
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        model.model.rope_deltas = None
+        hf.reset_rope_deltas(model.model)
         return install_compiled(model, graph, self.compiled_mixin, [b.attn for b in model.model.visual.blocks],
                                 SizedVisionAttention)
 
     def uninstall(self, model: nn.Module, record: dict) -> None:
         uninstall_compiled(model, record)
-        model.model.rope_deltas = None
+        hf.reset_rope_deltas(model.model)
 
 
 def restore_cells(positions: Tensor, placed: Tensor, out, merge: int) -> None:
@@ -196,7 +191,7 @@ class CompiledQwen2VLModel(CompiledVLM):
     def get_video_features(self, pixel_values_videos: Tensor, video_grid_thw: Tensor | None = None, **kwargs):
         return self._luvc_encode(pixel_values_videos, video_grid_thw)
 
-    def _luvc_encode(self, pixels: Tensor, grid_thw: Tensor) -> BaseModelOutputWithPooling:
+    def _luvc_encode(self, pixels: Tensor, grid_thw: Tensor) -> hf.BaseModelOutputWithPooling:
         visual = self.visual
         m = visual.spatial_merge_size
         hidden = visual.patch_embed(pixels.type(visual.dtype))
@@ -204,7 +199,7 @@ class CompiledQwen2VLModel(CompiledVLM):
         state = VisionState(
             hidden=hidden,
             sizes=torch.ones(hidden.shape[0], device=hidden.device),
-            positions=get_vision_position_ids(grid_thw, m).float(),
+            positions=hf.get_vision_position_ids(grid_thw, m).float(),
             grids=grids, unit=m * m, log=[],
         )
         state = self._luvc_sections[0](state)

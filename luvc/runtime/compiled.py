@@ -13,15 +13,10 @@ import functools
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
-
-try:  # transformers >= 5.24: multimodal inner models return their encoder outputs too
-    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _InnerOutput
-except ImportError:
-    _InnerOutput = BaseModelOutputWithPast
 
 from luvc.errors import CompileError
+from luvc.runtime import hf
+from luvc.runtime.hf import BaseModelOutputWithPast, BaseModelOutputWithPooling, DynamicCache
 from luvc.runtime.llm import CacheRecord, placeholder_keep, right_align, scatter_to_caller
 from luvc.state import LLMState, VisionState
 
@@ -99,7 +94,7 @@ class CompiledVLM:
     #: forward keywords that carry pixels (or their grids) for each modality
     _luvc_pixel_kwargs: dict[str, tuple[str, ...]] = {"image": ("pixel_values",)}
     #: what the family's inner forward returns (its outer forward reads its fields)
-    _luvc_output_class: type = _InnerOutput
+    _luvc_output_class: type = hf.MultimodalOutput
     #: other forward keywords the family's compiled forward reads (e.g. Gemma 3's ``token_type_ids``)
     _luvc_read_kwargs: tuple[str, ...] = ()
     #: keywords callers pass that carry nothing a compiled forward needs: it derives them from the input ids
@@ -247,7 +242,7 @@ class CompiledVLM:
         return self._luvc_output(scatter_to_caller(state, q), cache)
 
 
-class ExpandingGeneration:
+class ExpandingGeneration(hf.MultimodalExpansionHook):
     """Mixin for the outer model: repeats compressed vision outputs per sample for beams and
     ``num_return_sequences``.
 
@@ -256,7 +251,7 @@ class ExpandingGeneration:
     luvc keeps, and every per-item ``luvc_*`` attribute is repeated with them.
     """
 
-    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+    def luvc_expand_outputs(self, input_ids, mm_encoder_output: dict, expand_size: int) -> dict:
         for kind, out in mm_encoder_output.items():
             if out is None or getattr(out, "luvc_source_counts", None) is None:
                 continue

@@ -8,21 +8,16 @@ model from one 2-D attention mask.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 
 import torch
-import transformers
-from packaging.version import Version
 from torch import Tensor, nn
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
+from luvc.runtime import hf
 from luvc.runtime.sized_attention import log_sizes
 from luvc.state import LLMState
-
-#: The keyword transformers' decoder layers and models take the KV cache under (``cache`` from 5.24).
-CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
@@ -46,7 +41,7 @@ class CacheRecord:
 
 def check_attention(config) -> None:
     """Refuse attention implementations whose masks luvc cannot build."""
-    impl = config._attn_implementation
+    impl = hf.attn_implementation(config)
     if impl not in SUPPORTED_ATTENTION:
         raise CompileError(
             f"attn_implementation {impl!r} is not supported by luvc\n"
@@ -126,7 +121,7 @@ class DecoderLayerNode(StackNode):
         hidden = state.hidden
         if not state.decoding:
             state.log.append(state.ledger_row(f"llm.layers.{self.index}"))
-        layer_idx = self.block.self_attn.layer_idx
+        layer_idx = hf.cache_layer_index(self.block.self_attn)
         record = getattr(state.cache, "luvc_record", None)
         past = record.key_valid.get(layer_idx) if record is not None else None
         key_valid = state.valid if past is None else torch.cat([past, state.valid], dim=1)
@@ -148,7 +143,7 @@ class DecoderLayerNode(StackNode):
         masks = state.scratch.setdefault("masks", {})
         key = (id(past), self.window)
         if key not in masks:
-            impl = self.block.self_attn.config._attn_implementation
+            impl = hf.attn_implementation(self.block.self_attn.config)
             blocks = image_blocks(state.visual) if state.image_blocks and past is None else None
             masks[key] = (past, attention_mask(key_valid, hidden.shape[1], impl, hidden.dtype, self.window,
                                                key_position, blocks, key_sizes))
@@ -161,7 +156,7 @@ class DecoderLayerNode(StackNode):
             position_embeddings=state.scratch[self.rope_key],
             position_ids=None,
             use_cache=state.cache is not None,
-            **{CACHE_KWARG: state.cache},
+            **{hf.CACHE_KWARG: state.cache},
         )
         return _with_hidden(state, hidden)
 
@@ -177,7 +172,7 @@ def _rotated(node: DecoderLayerNode, state: LLMState) -> tuple[Tensor, Tensor]:
         q, k = attn.q_norm(q), attn.k_norm(k)
     positions = state.position_ids[0] if state.position_ids.shape[0] == 1 else state.position_ids
     cos, sin = node.rotary[0](x, positions)
-    apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    apply_rotary = hf.rotary_function(attn)
     return apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
 

@@ -15,10 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.clip import modeling_clip as clip
-from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
-from transformers.utils.generic import is_flash_attention_requested
+
+from luvc.runtime import hf
 
 
 class SizedVisionAttention:
@@ -31,13 +29,13 @@ class SizedVisionAttention:
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = hf.apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+        q, k = hf.QWEN_VISION_ROTARY(q, k, *position_embeddings)
         head_dim = q.shape[-1]
-        flash = is_flash_attention_requested(self.config)
+        flash = hf.is_flash_attention_requested(self.config)
         if flash:
             q, k, v = size_weighted(q, k, v, luvc_sizes[:, None, None])
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        attend = hf.attention_function(self.config, hf.QWEN_VISION_EAGER_ATTENTION)
         common = dict(scaling=self.scaling, dropout=0.0, is_causal=False)
         if flash:
             if max_seqlen is None:
@@ -72,13 +70,13 @@ def batched_sized_attention(module, q: Tensor, k: Tensor, v: Tensor, sizes: Tens
     """Bidirectional attention of ``[B, S, H, d]`` heads where key ``j`` of row ``b`` counts ``sizes[b, j]``
     times; returns ``[B, S, H * d]`` before the output projection."""
     batch, seq, _, head_dim = q.shape
-    flash = is_flash_attention_requested(module.config)
+    flash = hf.is_flash_attention_requested(module.config)
     if flash:
         q, k, v = size_weighted(q, k, v, sizes[:, :, None, None])
     else:
         bias = log_sizes(sizes, q.dtype)[:, None, None, :]
         attention_mask = bias if attention_mask is None else attention_mask + bias
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, clip.eager_attention_forward)
+    attend = hf.attention_function(module.config, hf.CLIP_EAGER_ATTENTION)
     out, _ = attend(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attention_mask,
                     scaling=scale, dropout=0.0, **kwargs)
     if flash:

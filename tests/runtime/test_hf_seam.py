@@ -1,0 +1,217 @@
+"""The seam with transformers (``luvc.runtime.hf``): each access still reaches what luvc expects on the
+installed transformers, and no private transformers name is reached from anywhere else in luvc."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES
+from transformers.generation.utils import GenerationMixin
+
+import luvc
+from luvc.models import find_adapter
+from luvc.runtime import hf
+from luvc.runtime.llm import DecoderLayerNode
+from luvc.zoo import build_model, model_config, vlm_inputs
+
+LUVC = Path(__file__).resolve().parents[2] / "luvc"
+SEAM = LUVC / "runtime" / "hf.py"
+
+
+def _decoder_layers(family: str) -> list[torch.nn.Module]:
+    """The LLM's decoder layers of a (meta) tiny model, found by its adapter."""
+    model = build_model(family, device="meta")
+    return [node.block for _, node in find_adapter(model).stack_nodes(model) if isinstance(node, DecoderLayerNode)]
+
+
+def _sdpa(q, k, v, scale, mask=None):
+    """Reference bidirectional attention on ``[B, H, S, d]`` heads, output ``[B, S, H, d]``."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def test_cache_kwarg_is_the_decoder_layer_and_output_cache_name():
+    model = build_model("qwen2-vl-tiny")
+    layer = model.model.language_model.layers[0]
+    assert hf.CACHE_KWARG in inspect.signature(type(layer).forward).parameters
+    out = model(input_ids=torch.tensor([[10, 11, 12]]), use_cache=True)
+    assert isinstance(getattr(out, hf.CACHE_KWARG), hf.DynamicCache)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attn_implementation_reads_what_set_attn_implementation_wrote(attn):
+    model = build_model("llava-tiny", attn=attn)  # the zoo sets it through the seam
+    text, vision = model.model.language_model, model.model.vision_tower
+    assert hf.attn_implementation(text.layers[0].self_attn.config) == attn
+    assert hf.attn_implementation(vision.encoder.layers[0].self_attn.config) == attn
+    assert hf.attn_implementation(model.config.get_text_config()) == attn
+
+
+def test_attention_function_is_the_kernel_the_config_selects():
+    config = model_config("qwen2-vl-tiny").vision_config
+    hf.set_attn_implementation(config, "eager")
+    assert hf.attention_function(config, hf.QWEN_VISION_EAGER_ATTENTION) is hf.QWEN_VISION_EAGER_ATTENTION
+    hf.set_attn_implementation(config, "sdpa")
+    sdpa = hf.attention_function(config, hf.QWEN_VISION_EAGER_ATTENTION)
+    assert sdpa is not hf.QWEN_VISION_EAGER_ATTENTION
+    q, k, v = torch.randn(3, 1, 2, 5, 8).unbind(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = False, 1
+    out, _ = sdpa(module, q, k, v, None, scaling=0.3, dropout=0.0, is_causal=False)
+    torch.testing.assert_close(out, _sdpa(q, k, v, 0.3))
+
+
+@pytest.mark.parametrize("eager", ["QWEN_VISION_EAGER_ATTENTION", "CLIP_EAGER_ATTENTION"])
+def test_eager_attention_takes_module_heads_mask_and_scaling(eager):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 6, 8).unbind(0)  # [B, H, S, d]
+    mask = torch.randn(2, 1, 6, 6)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 1
+    out, weights = getattr(hf, eager)(module, q, k, v, mask, scaling=0.25, dropout=0.0)
+    torch.testing.assert_close(out, _sdpa(q, k, v, 0.25, mask))
+    assert weights.shape == (2, 3, 6, 6)
+
+
+def test_qwen_vision_rotary_is_the_qwen2_vl_towers_own():
+    model = build_model("qwen2-vl-tiny", device="meta")
+    attn = model.model.visual.blocks[0].attn
+    assert hf.vision_rotary_function(attn) is hf.QWEN_VISION_ROTARY
+    q, k = torch.randn(2, 5, 2, 8).unbind(0)
+    angle = torch.rand(5, 8)
+    rq, rk = hf.QWEN_VISION_ROTARY(q, k, angle.cos(), angle.sin())
+    rotated = torch.cat([-q[..., 4:], q[..., :4]], dim=-1)  # rotate_half
+    torch.testing.assert_close(rq, q * angle.cos()[:, None] + rotated * angle.sin()[:, None])
+    assert rk.shape == k.shape
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotary_function_rotates_every_llms_heads(family):
+    q, k = torch.randn(2, 1, 2, 5, 8).unbind(0)  # [B, H, S, d]
+    angle = torch.rand(1, 5, 8)
+    rq, rk = hf.rotary_function(_decoder_layers(family)[0].self_attn)(q, k, angle.cos(), angle.sin())
+    for x, rx in ((q, rq), (k, rk)):
+        rotated = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
+        torch.testing.assert_close(rx, x * angle.cos()[:, None] + rotated * angle.sin()[:, None])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_layer_index_is_the_layers_position(family):
+    layers = _decoder_layers(family)
+    assert [hf.cache_layer_index(layer.self_attn) for layer in layers] == list(range(len(layers)))
+
+
+def test_full_attention_cache_replaces_sliding_window_layers():
+    config = model_config("gemma3-tiny").text_config
+    cache = hf.DynamicCache(config=config)
+    assert any(type(layer) is not hf.DynamicLayer for layer in cache.layers), "gemma3-tiny has sliding layers"
+    count = len(cache.layers)
+    hf.full_attention_cache(cache)
+    assert len(cache.layers) == count and all(type(layer) is hf.DynamicLayer for layer in cache.layers)
+    assert cache.get_seq_length() == 0
+
+
+def test_reset_rope_deltas_forgets_the_offsets_a_prefill_cached(astronaut):
+    model = build_model("qwen2-vl-tiny")
+    model(**vlm_inputs([[astronaut]], prompts=[(10, 11)], config=model.config))
+    assert isinstance(model.model.rope_deltas, torch.Tensor), "Qwen2-VL caches its rotary offsets there"
+    hf.reset_rope_deltas(model.model)
+    assert model.model.rope_deltas is None
+
+
+def test_expansion_hook_overrides_generates_own_method():
+    ours = inspect.signature(hf.MultimodalExpansionHook._expand_multimodal_outputs).parameters
+    theirs = inspect.signature(GenerationMixin._expand_multimodal_outputs).parameters
+    assert list(ours) == list(theirs)
+    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
+    source = inspect.getsource(GenerationMixin)
+    assert "self._expand_multimodal_outputs(" in source, "generate still calls it"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_returns_the_output_class_luvc_builds(family):
+    model = build_model(family)
+    inner = model.model(input_ids=torch.tensor([[10, 11, 12]]), use_cache=True)
+    luvc.compile(model, "identity")
+    declared = model.model._luvc_output_class
+    assert type(inner) is declared
+    fields = {f.name for f in dataclasses.fields(declared)}
+    assert {"last_hidden_state", hf.CACHE_KWARG} <= fields
+
+
+def test_vision_output_class_has_pooled_features():
+    fields = {f.name for f in dataclasses.fields(hf.BaseModelOutputWithPooling)}
+    assert {"last_hidden_state", "pooler_output"} <= fields
+    assert {"last_hidden_state", hf.CACHE_KWARG} <= {f.name for f in dataclasses.fields(hf.MultimodalOutput)}
+
+
+def test_smart_resize_rounds_to_the_merge_factor_within_the_pixel_budget():
+    assert hf.smart_resize(224, 224, factor=28, max_pixels=14 * 14 * 4 * 1280) == (224, 224)
+    h, w = hf.smart_resize(1000, 600, factor=28, max_pixels=200_000)
+    assert h % 28 == 0 and w % 28 == 0 and h * w <= 200_000
+
+
+def test_vision_position_ids_are_block_major_rows_and_columns():
+    ids = hf.get_vision_position_ids(torch.tensor([[1, 4, 4]]), 2)
+    assert ids[:8].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
+    assert ids.shape == (16, 2)
+
+
+def test_vision_window_index_permutes_units_into_windows():
+    visual = build_model("qwen2.5-vl-tiny", device="meta").model.visual
+    grid = torch.tensor([[1, 8, 12]])
+    index, cu_windows = hf.get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                   visual.patch_size)
+    units = 8 * 12 // visual.spatial_merge_size ** 2
+    assert sorted(index.tolist()) == list(range(units))
+    assert int(cu_windows[-1]) == units * visual.spatial_merge_size ** 2
+
+
+def test_anyres_helpers_agree_on_the_tile_grid():
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    rows, cols = hf.get_anyres_image_grid_shape((20, 50), pinpoints, 28)
+    assert (rows, cols) == (1, 2)
+    assert hf.image_size_to_num_patches((20, 50), pinpoints, 28) == 1 + rows * cols
+    assert hf.unpad_image(torch.zeros(3, 28, 56), (20, 50)).shape == (3, 22, 56)
+
+
+@pytest.mark.parametrize(("impl", "flash"), [("sdpa", False), ("eager", False), ("flash_attention_2", True)])
+def test_is_flash_attention_requested_reads_the_config(impl, flash):
+    config = model_config("qwen2-vl-tiny").vision_config
+    hf.set_attn_implementation(config, impl)
+    assert hf.is_flash_attention_requested(config) is flash
+
+
+#: Private transformers names; only the seam may reach them.
+PRIVATE = [
+    r"\._attn_implementation\b", r"\.rope_deltas\b", r"\.layer_idx\b", r"cache\.layers\b", r"\bDynamicLayer\b",
+    r"_expand_multimodal_outputs", r"\bALL_ATTENTION_FUNCTIONS\b", r"\bsys\.modules\b",
+    r"\bapply_rotary_pos_emb(_vision)?\b", r"\beager_attention_forward\b",
+]
+
+
+def _transformers_submodules(tree: ast.AST) -> list[str]:
+    """Modules below the top-level ``transformers`` package that ``tree`` imports."""
+    found = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        found += [n for n in names if n.startswith("transformers.")]
+    return found
+
+
+def test_private_transformers_names_are_reached_only_through_the_seam():
+    offences = []
+    for path in sorted(LUVC.rglob("*.py")):
+        if path == SEAM:
+            continue
+        text = path.read_text()
+        where = path.relative_to(LUVC.parent)
+        offences += [f"{where}: imports {m}" for m in _transformers_submodules(ast.parse(text))]
+        offences += [f"{where}: {p}" for p in PRIVATE if re.search(p, text)]
+    assert not offences, "route these through luvc/runtime/hf.py:\n" + "\n".join(offences)
