@@ -12,9 +12,9 @@ from luvc.registry.manager import (  # noqa: E402
     reset_registry,
     unregister_plugin,
 )
-from luvc.registry.spec import TransformSpec  # noqa: E402
+from luvc.registry.spec import AttentionProbe, TransformSpec  # noqa: E402
 
 __all__ = [
-    "PluginInfo", "Registry", "TransformSpec", "get_registry", "hookimpl", "register_plugin", "reset_registry",
-    "unregister_plugin",
+    "AttentionProbe", "PluginInfo", "Registry", "TransformSpec", "get_registry", "hookimpl", "register_plugin",
+    "reset_registry", "unregister_plugin",
 ]

@@ -4,11 +4,39 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from luvc.state import LLMState
+
 Site = Literal["vision", "llm"]
+
+
+@runtime_checkable
+class AttentionProbe(Protocol):
+    """What an ``llm`` transform with ``needs_layer`` gets as ``layer=``: the decoder layer it runs before,
+    recomputing what that layer would see of a state without running it or changing its attention kernel.
+
+    Transforms use only these methods, so they depend on no model glue; luvc's decoder-layer node
+    (``luvc.runtime.llm.DecoderLayerNode``) implements them for every family.
+    """
+
+    def attention_rows(self, state: LLMState, rows: Tensor) -> Tensor:
+        """[B, R, S] head-averaged attention probabilities from the queries at ``rows`` [B, R] (causal, padding
+        keys and the layer's window masked)."""
+        ...
+
+    def keys(self, state: LLMState) -> Tensor:
+        """[B, S, Hkv * d] the post-rotary attention keys the layer computes for ``state``'s tokens."""
+        ...
+
+    def normalized(self, state: LLMState) -> Tensor:
+        """[B, S, D] ``state``'s hidden states after the layer's input norm (what its attention reads)."""
+        ...
 
 
 def _unchanged(params: Any, occurrence: int) -> Any:
@@ -44,10 +72,10 @@ class TransformSpec:
             step needs from the model's adapter beyond the basics (see
             ``luvc.registry.adapter.CAPABILITIES``); ``luvc.compile`` refuses a
             schedule whose adapter lacks one, naming the step and the fix.
-        needs_layer: ``llm`` transforms: ``run(state, params, layer=node)``
-            also gets the decoder-layer node it runs before, to recompute what
-            that layer would compute (attention rows, keys) without changing
-            the attention kernel. ``vision`` transforms: the block before it
+        needs_layer: ``llm`` transforms: ``run(state, params, layer=probe)``
+            also gets an ``AttentionProbe`` of the decoder layer it runs
+            before, to recompute what that layer would compute (attention
+            rows, keys) without changing the attention kernel. ``vision`` transforms: the block before it
             fills ``state.attention`` (attention each token received there).
     """
 

@@ -99,7 +99,7 @@ def image_blocks(visual: Tensor) -> Tensor:
 
 
 class DecoderLayerNode(StackNode):
-    """One decoder layer, called on an ``LLMState``.
+    """One decoder layer, called on an ``LLMState``; the ``AttentionProbe`` transforms ranking tokens by it get.
 
     ``rotary(x, positions)`` gives the layer's (cos, sin); layers sharing a
     ``rope_key`` share one computation per state. ``window`` makes the layer a
@@ -159,6 +159,18 @@ class DecoderLayerNode(StackNode):
             **{hf.CACHE_KWARG: state.cache},
         )
         return _with_hidden(state, hidden)
+
+    def attention_rows(self, state: LLMState, rows: Tensor) -> Tensor:
+        """[B, R, S] head-averaged attention probabilities from the queries at ``rows`` [B, R]."""
+        return attention_rows(self, state, rows)
+
+    def keys(self, state: LLMState) -> Tensor:
+        """[B, S, Hkv * d] the post-rotary keys this layer computes for ``state``'s tokens."""
+        return layer_keys(self, state)
+
+    def normalized(self, state: LLMState) -> Tensor:
+        """[B, S, D] ``state``'s hidden states after this layer's input norm."""
+        return self.block.input_layernorm(state.hidden)
 
 
 def _rotated(node: DecoderLayerNode, state: LLMState) -> tuple[Tensor, Tensor]:

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from luvc.registry import TransformSpec, hookimpl
-from luvc.runtime.llm import DecoderLayerNode, layer_keys
+from luvc.registry import AttentionProbe, TransformSpec, hookimpl
 from luvc.state import LLMState
 from luvc.transforms.selection import keep_count, prune_visual
 
@@ -68,11 +67,11 @@ def duplication_scores(hidden: Tensor, keys: Tensor, visual: Tensor, text: Tenso
     return scores
 
 
-def dart(state: LLMState, params: DARTParams, layer: DecoderLayerNode) -> LLMState:
+def dart(state: LLMState, params: DARTParams, layer: AttentionProbe) -> LLMState:
     """Keep each sample's visual pivots and the visual tokens least duplicated by its pivots."""
     def score(visual: Tensor) -> Tensor:
-        keys = layer_keys(layer, state)
-        hidden = layer.block.input_layernorm(state.hidden)
+        keys = layer.keys(state)
+        hidden = layer.normalized(state)
         after_image = torch.cumsum(visual.long(), dim=1) > 0
         text = state.valid & ~visual & after_image
         rows = [duplication_scores(hidden[b], keys[b], visual[b], text[b],

@@ -19,8 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from luvc.registry import TransformSpec, hookimpl
-from luvc.runtime.llm import DecoderLayerNode, attention_rows
+from luvc.registry import AttentionProbe, TransformSpec, hookimpl
 from luvc.state import LLMState
 from luvc.transforms.selection import keep_count, prune_visual
 
@@ -33,13 +32,13 @@ class FastVParams(BaseModel):
     keep: float = Field(0.5, ge=0.0, le=1.0, description="fraction of arriving visual tokens kept (FastV: 1 - R)")
 
 
-def last_token_attention(layer: DecoderLayerNode, state: LLMState) -> Tensor:
+def last_token_attention(layer: AttentionProbe, state: LLMState) -> Tensor:
     """[B, S] attention each token receives from its row's last token (rows are right-aligned)."""
     last = torch.full((state.hidden.shape[0], 1), state.hidden.shape[1] - 1, device=state.hidden.device)
-    return attention_rows(layer, state, last)[:, 0]
+    return layer.attention_rows(state, last)[:, 0]
 
 
-def fastv(state: LLMState, params: FastVParams, layer: DecoderLayerNode) -> LLMState:
+def fastv(state: LLMState, params: FastVParams, layer: AttentionProbe) -> LLMState:
     """Keep the visual tokens the last token attends to most in ``layer``."""
     return prune_visual(state, params.keep, lambda visual: last_token_attention(layer, state))
 

@@ -20,7 +20,7 @@ Choices the paper leaves open, made here:
 * ``r = min(round(ratio * length), length // 2, length - min_size)`` per line.
 * A merged token's rotary position is the size-weighted mean of the patch
   positions it covers; its ``size`` (patches it stands for) re-weights every
-  later attention exactly as those patches would (``luvc.runtime.sized_attention``:
+  later attention exactly as those patches would (the runtime's size-weighted attention:
   a log-size bias under SDPA and eager, the values under FlashAttention).
 * Before the first block there are no keys; the patch embeddings themselves
   are the similarity metric there. ``metric: hidden`` uses the last block's

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from luvc.registry import TransformSpec, hookimpl
-from luvc.runtime.llm import DecoderLayerNode
+from luvc.registry import AttentionProbe, TransformSpec, hookimpl
 from luvc.state import LLMState
 from luvc.transforms.fastv import last_token_attention
 from luvc.transforms.selection import keep_count, prune_visual
@@ -33,7 +32,7 @@ class PyramidDropParams(BaseModel):
     keep: float = Field(0.5, ge=0.0, le=1.0, description="lambda: fraction of arriving visual tokens each stage keeps")
 
 
-def pyramid_drop(state: LLMState, params: PyramidDropParams, layer: DecoderLayerNode) -> LLMState:
+def pyramid_drop(state: LLMState, params: PyramidDropParams, layer: AttentionProbe) -> LLMState:
     """Keep ``lambda`` of the visual tokens, ranked by the next layer's last-token attention."""
     return prune_visual(state, params.keep, lambda visual: last_token_attention(layer, state))
 
