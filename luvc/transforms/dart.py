@@ -25,7 +25,7 @@ from torch import Tensor
 
 from luvc.registry import AttentionProbe, TransformSpec, hookimpl
 from luvc.state import LLMState
-from luvc.transforms.selection import keep_count, prune_visual
+from luvc.transforms.selection import keep_count, prune_visual, pruning_spec
 
 
 class DARTParams(BaseModel):
@@ -84,15 +84,6 @@ def dart(state: LLMState, params: DARTParams, layer: AttentionProbe) -> LLMState
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="dart",
-            site="llm",
-            params=DARTParams,
-            run=dart,
-            plan=lambda params, n: keep_count(params.keep, n),
-            eliminates=lambda params: params.keep == 0.0,
-            needs_layer=True,
-            summary="DART: keep visual pivots and the tokens least duplicated by pivots (attention-free)",
-        )
-    ]
+    return [pruning_spec(
+        "dart", DARTParams, dart, needs_layer=True,
+        summary="DART: keep visual pivots and the tokens least duplicated by pivots (attention-free)")]

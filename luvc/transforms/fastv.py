@@ -15,13 +15,10 @@ FlashAttention with no eager attention and at O(S) extra cost.
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
 
-from luvc.registry import AttentionProbe, TransformSpec, hookimpl
-from luvc.state import LLMState
-from luvc.transforms.selection import keep_count, prune_visual
+from luvc.registry import TransformSpec, hookimpl
+from luvc.transforms.selection import keep_most_attended, pruning_spec
 
 
 class FastVParams(BaseModel):
@@ -32,28 +29,8 @@ class FastVParams(BaseModel):
     keep: float = Field(0.5, ge=0.0, le=1.0, description="fraction of arriving visual tokens kept (FastV: 1 - R)")
 
 
-def last_token_attention(layer: AttentionProbe, state: LLMState) -> Tensor:
-    """[B, S] attention each token receives from its row's last token (rows are right-aligned)."""
-    last = torch.full((state.hidden.shape[0], 1), state.hidden.shape[1] - 1, device=state.hidden.device)
-    return layer.attention_rows(state, last)[:, 0]
-
-
-def fastv(state: LLMState, params: FastVParams, layer: AttentionProbe) -> LLMState:
-    """Keep the visual tokens the last token attends to most in ``layer``."""
-    return prune_visual(state, params.keep, lambda visual: last_token_attention(layer, state))
-
-
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="fastv",
-            site="llm",
-            params=FastVParams,
-            run=fastv,
-            plan=lambda params, n: keep_count(params.keep, n),
-            eliminates=lambda params: params.keep == 0.0,
-            needs_layer=True,
-            summary="FastV: keep the visual tokens the last token attends to most (rows recomputed, any kernel)",
-        )
-    ]
+    return [pruning_spec(
+        "fastv", FastVParams, keep_most_attended, needs_layer=True,
+        summary="FastV: keep the visual tokens the last token attends to most (rows recomputed, any kernel)")]

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from luvc.registry import AttentionProbe, TransformSpec, hookimpl
-from luvc.state import LLMState
-from luvc.transforms.fastv import last_token_attention
-from luvc.transforms.selection import keep_count, prune_visual
+from luvc.registry import TransformSpec, hookimpl
+from luvc.transforms.selection import keep_most_attended, pruning_spec
 
 
 class PyramidDropParams(BaseModel):
@@ -32,22 +30,8 @@ class PyramidDropParams(BaseModel):
     keep: float = Field(0.5, ge=0.0, le=1.0, description="lambda: fraction of arriving visual tokens each stage keeps")
 
 
-def pyramid_drop(state: LLMState, params: PyramidDropParams, layer: AttentionProbe) -> LLMState:
-    """Keep ``lambda`` of the visual tokens, ranked by the next layer's last-token attention."""
-    return prune_visual(state, params.keep, lambda visual: last_token_attention(layer, state))
-
-
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="pyramid_drop",
-            site="llm",
-            params=PyramidDropParams,
-            run=pyramid_drop,
-            plan=lambda params, n: keep_count(params.keep, n),
-            eliminates=lambda params: params.keep == 0.0,
-            needs_layer=True,
-            summary="PyramidDrop: keep lambda of the visual tokens at each stage boundary, by last-token attention",
-        )
-    ]
+    return [pruning_spec(
+        "pyramid_drop", PyramidDropParams, keep_most_attended, needs_layer=True,
+        summary="PyramidDrop: keep lambda of the visual tokens at each stage boundary, by last-token attention")]

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from luvc.registry import TransformSpec, hookimpl
 from luvc.state import LLMState
-from luvc.transforms.selection import keep_count, prune_visual
+from luvc.transforms.selection import prune_visual, pruning_spec
 
 
 class RandomDropParams(BaseModel):
@@ -44,14 +44,5 @@ def random_drop(state: LLMState, params: RandomDropParams) -> LLMState:
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="random_drop",
-            site="llm",
-            params=RandomDropParams,
-            run=random_drop,
-            plan=lambda params, n: keep_count(params.keep, n),
-            eliminates=lambda params: params.keep == 0.0,
-            summary="control: keep a seeded uniform random subset of the visual tokens",
-        )
-    ]
+    return [pruning_spec("random_drop", RandomDropParams, random_drop,
+                         summary="control: keep a seeded uniform random subset of the visual tokens")]

@@ -3,16 +3,20 @@
 A pruning transform only says how it scores tokens; the count rule
 (``round(keep * n)`` of each sample's ``n`` visual tokens), the order (kept
 tokens keep their order), text (never dropped) and positions (never
-renumbered) are the same for all of them and live here.
+renumbered) are the same for all of them and live here, and so does the
+spec those rules make (``pruning_spec``) and the ranking FastV and
+PyramidDrop share (attention from the last token, ``keep_most_attended``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from luvc.registry import AttentionProbe, TransformSpec
 from luvc.state import LLMState, compact, round_half_up
 
 
@@ -45,3 +49,22 @@ def prune_visual(state: LLMState, keep: float, score: Callable[[Tensor], Tensor]
     if not any(keeps):
         return compact(state, ~visual)
     return compact(state, keep_top(score(visual), visual, torch.tensor(keeps, device=visual.device)))
+
+
+def last_token_attention(layer: AttentionProbe, state: LLMState) -> Tensor:
+    """[B, S] attention each token receives from its row's last token (rows are right-aligned)."""
+    last = torch.full((state.hidden.shape[0], 1), state.hidden.shape[1] - 1, device=state.hidden.device)
+    return layer.attention_rows(state, last)[:, 0]
+
+
+def keep_most_attended(state: LLMState, params: Any, layer: AttentionProbe) -> LLMState:
+    """Keep ``params.keep`` of the visual tokens, those the last token attends to most in ``layer``."""
+    return prune_visual(state, params.keep, lambda visual: last_token_attention(layer, state))
+
+
+def pruning_spec(name: str, params: type, run: Callable, summary: str, needs_layer: bool = False) -> TransformSpec:
+    """The spec of an ``llm`` transform that keeps ``params.keep`` of the arriving visual tokens via
+    ``prune_visual``: its count rule is ``keep_count`` and ``keep == 0`` leaves none."""
+    return TransformSpec(name=name, site="llm", params=params, run=run,
+                         plan=lambda params, n: keep_count(params.keep, n),
+                         eliminates=lambda params: params.keep == 0.0, needs_layer=needs_layer, summary=summary)
