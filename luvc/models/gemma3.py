@@ -32,11 +32,12 @@ from transformers import Gemma3ForConditionalGeneration
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
+from luvc.models.base import FamilyAdapter
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
 from luvc.runtime import hf
-from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.compiled import vision_output
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState
@@ -80,15 +81,15 @@ class CompiledGemma3Model(CompiledLlavaModel):
         return super()._luvc_prefill(input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs)
 
 
-class Gemma3Adapter:
+class Gemma3Adapter(FamilyAdapter):
     """Adapter for ``Gemma3ForConditionalGeneration`` (SigLIP, pooled soft tokens, Gemma 3 LLM)."""
 
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, Gemma3ForConditionalGeneration)
+    model_class = Gemma3ForConditionalGeneration
+    compiled_mixin = CompiledGemma3Model
+    sized_attention = SizedCLIPAttention
 
     def check(self, model: nn.Module) -> None:
         text = model.model.language_model.config
@@ -101,31 +102,31 @@ class Gemma3Adapter:
                                "(use_bidirectional_attention=False)")
         check_attention(model.model.vision_tower.config)
 
-    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower, lm = model.model.vision_tower, model.model.language_model
+    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower = model.model.vision_tower
         nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
                                               for i, layer in enumerate(tower.encoder.layers)]
-        nodes.append(("vision.projector", PooledProjectorNode(tower.post_layernorm, model.model.multi_modal_projector)))
+        projector = PooledProjectorNode(tower.post_layernorm, model.model.multi_modal_projector)
+        return nodes + [("vision.projector", projector)]
+
+    def llm_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        """Sliding-window and global layers, each with its own window and rotary table."""
+        lm = model.model.language_model
+        nodes = []
         for i, layer in enumerate(lm.layers):
             kind = lm.config.layer_types[i]
             window = lm.config.sliding_window if kind == "sliding_attention" else None
             rotary = functools.partial(lm.rotary_emb, layer_type=kind)
             nodes.append((f"llm.layers.{i}", DecoderLayerNode(layer, i, rotary, window, rope_key=f"rope:{kind}")))
-        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
-        return nodes
+        return nodes + [("llm.norm", FinalNormNode(lm.norm))]
+
+    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.self_attn for layer in model.model.vision_tower.encoder.layers]
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         n = int(model.config.mm_tokens_per_image ** 0.5)
         block = model.model.multi_modal_projector.kernel_size
         return (1, n, n), block * block
-
-    def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        layers = model.model.vision_tower.encoder.layers
-        return install_compiled(model, graph, CompiledGemma3Model, [layer.self_attn for layer in layers],
-                                SizedCLIPAttention)
-
-    def uninstall(self, model: nn.Module, record: dict) -> None:
-        uninstall_compiled(model, record)
 
 
 @hookimpl

@@ -1,5 +1,5 @@
-"""Idefics3 / SmolVLM adapter (``Idefics3ForConditionalGeneration``): a SigLIP tower without a class
-token, a pixel-shuffle connector, and a Llama-style LLM with 1-D rotary.
+"""Idefics3 adapter (``Idefics3ForConditionalGeneration``, also the class of the first SmolVLM checkpoints):
+a SigLIP tower without a class token, a pixel-shuffle connector, and a Llama-style LLM with 1-D rotary.
 
 What is specific to Idefics3, and lives here:
 
@@ -25,12 +25,12 @@ from transformers import Idefics3ForConditionalGeneration
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
+from luvc.models.base import FamilyAdapter
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
-from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.compiled import vision_output
 from luvc.runtime.hf import Idefics3BaseModelOutputWithPast
-from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState
 
@@ -63,42 +63,36 @@ class CompiledIdefics3Model(CompiledLlavaModel):
         return vision_output(state, [n * n] * tiles.shape[0])
 
 
-class Idefics3Adapter:
-    """Adapter for ``Idefics3ForConditionalGeneration`` (SmolVLM included)."""
+class Idefics3Adapter(FamilyAdapter):
+    """Adapter for ``Idefics3ForConditionalGeneration``."""
 
     name = "idefics3"
-    architectures = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
+    architectures = ("Idefics3ForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
+    model_class = Idefics3ForConditionalGeneration
+    compiled_mixin = CompiledIdefics3Model
+    sized_attention = SizedCLIPAttention
 
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, Idefics3ForConditionalGeneration)
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.text_model
 
-    def check(self, model: nn.Module) -> None:
-        check_attention(model.model.text_model.config)
-        check_attention(model.model.vision_model.config)
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.vision_model
 
-    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower, lm = model.model.vision_model, model.model.text_model
+    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower = model.model.vision_model
         nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
                                               for i, layer in enumerate(tower.encoder.layers)]
         projector = PixelShuffleProjectorNode(tower.post_layernorm, model.model.connector.modality_projection)
-        nodes.append(("vision.projector", projector))
-        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
-        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
-        return nodes
+        return nodes + [("vision.projector", projector)]
+
+    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.self_attn for layer in model.model.vision_model.encoder.layers]
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         cfg = model.config
         n = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
         return (1, n, n), cfg.scale_factor ** 2
-
-    def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        layers = model.model.vision_model.encoder.layers
-        return install_compiled(model, graph, CompiledIdefics3Model, [layer.self_attn for layer in layers],
-                                SizedCLIPAttention)
-
-    def uninstall(self, model: nn.Module, record: dict) -> None:
-        uninstall_compiled(model, record)
 
 
 @hookimpl

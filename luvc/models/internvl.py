@@ -27,11 +27,11 @@ from transformers import InternVLForConditionalGeneration
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
+from luvc.models.base import FamilyAdapter
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
-from luvc.runtime.compiled import install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.compiled import vision_output
 from luvc.runtime.hf import InternVLModelOutputWithPast
-from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import batched_sized_attention
 from luvc.state import LedgerRow, VisionState
 
@@ -125,15 +125,14 @@ def unit_major(patches: Tensor, side: int, block: int) -> tuple[Tensor, Tensor]:
     return hidden, grid.float().repeat(images, 1).to(patches.device)
 
 
-class InternVLAdapter:
+class InternVLAdapter(FamilyAdapter):
     """Adapter for ``InternVLForConditionalGeneration`` (InternViT, pixel-shuffle MLP projector, Qwen2 LLM)."""
 
     name = "internvl"
     architectures = ("InternVLForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, InternVLForConditionalGeneration)
+    model_class = InternVLForConditionalGeneration
+    compiled_mixin = CompiledInternVLModel  # its layer node weighs sizes itself: no attention swapped
 
     def check(self, model: nn.Module) -> None:
         cfg = model.config
@@ -143,29 +142,19 @@ class InternVLAdapter:
                                f"{cfg.vision_feature_select_strategy!r}")
         if cfg.downsample_ratio != 0.5:
             raise CompileError(f"luvc's InternVL adapter supports downsample_ratio 0.5, not {cfg.downsample_ratio}")
-        check_attention(model.model.language_model.config)
-        check_attention(model.model.vision_tower.config)
+        super().check(model)
 
-    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower, lm = model.model.vision_tower, model.model.language_model
+    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        tower = model.model.vision_tower
         nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", InternViTLayerNode(layer, i))
                                               for i, layer in enumerate(tower.encoder.layer)]
         projector = PixelShuffleProjectorNode(tower.layernorm, model.model.multi_modal_projector)
-        nodes.append(("vision.projector", projector))
-        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
-        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
-        return nodes
+        return nodes + [("vision.projector", projector)]
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         cfg = model.config.vision_config
         side = cfg.image_size[0] // cfg.patch_size[0]
         return (1, side // 2, side // 2), UNIT
-
-    def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        return install_compiled(model, graph, CompiledInternVLModel, [], object)
-
-    def uninstall(self, model: nn.Module, record: dict) -> None:
-        uninstall_compiled(model, record)
 
 
 @hookimpl

@@ -24,10 +24,10 @@ from transformers import LlavaForConditionalGeneration
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode, captured_output
+from luvc.models.base import FamilyAdapter
 from luvc.registry import hookimpl
-from luvc.runtime.compiled import CompiledVLM, install_compiled, uninstall_compiled, vision_output
+from luvc.runtime.compiled import CompiledVLM, vision_output
 from luvc.runtime.hf import LlavaModelOutputWithPast
-from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.runtime.vision_scores import patch_scores
 from luvc.state import LedgerRow, VisionState
@@ -132,18 +132,18 @@ class CompiledLlavaModel(CompiledVLM):
         return position_ids[None] if position_ids.dim() == 2 else position_ids
 
 
-class LlavaAdapter:
+class LlavaAdapter(FamilyAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` (CLIP tower, MLP projector, Llama-style LLM)."""
 
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
+    model_class = LlavaForConditionalGeneration
+    compiled_mixin = CompiledLlavaModel
+    sized_attention = SizedCLIPAttention
     title = "LLaVA"
     #: the feature strategy the compiled tower implements, and why
     strategy = ("default", "class token dropped")
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, LlavaForConditionalGeneration)
 
     def check(self, model: nn.Module) -> None:
         cfg = model.config
@@ -153,36 +153,26 @@ class LlavaAdapter:
         if cfg.vision_feature_select_strategy != self.strategy[0]:
             raise CompileError(f"luvc's {self.title} adapter supports vision_feature_select_strategy="
                                f"{self.strategy[0]!r} ({self.strategy[1]}), not {cfg.vision_feature_select_strategy!r}")
-        check_attention(model.model.language_model.config)
-        check_attention(model.model.vision_tower.config)
+        super().check(model)
 
     def _used_layers(self, model: nn.Module) -> int:
         layers = len(model.model.vision_tower.encoder.layers)
         index = model.config.vision_feature_layer
         return index if index >= 0 else layers + 1 + index
 
-    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower, lm = model.model.vision_tower, model.model.language_model
-        layers = tower.encoder.layers[: self._used_layers(model)]
+    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
         nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
                                               for i, layer in enumerate(layers)]
-        nodes.append(("vision.projector", ProjectorNode(model.model.multi_modal_projector)))
-        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
-        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
-        return nodes
+        return nodes + [("vision.projector", ProjectorNode(model.model.multi_modal_projector))]
+
+    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.self_attn for layer in model.model.vision_tower.encoder.layers[: self._used_layers(model)]]
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         cfg = model.config.vision_config
         side = cfg.image_size // cfg.patch_size
         return (1, side, side), 1
-
-    def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
-        return install_compiled(model, graph, CompiledLlavaModel, [layer.self_attn for layer in layers],
-                                SizedCLIPAttention)
-
-    def uninstall(self, model: nn.Module, record: dict) -> None:
-        uninstall_compiled(model, record)
 
 
 @hookimpl

@@ -31,14 +31,13 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
 from luvc.registry import hookimpl
-from luvc.runtime.compiled import install_compiled, vision_output
+from luvc.runtime.compiled import vision_output
 from luvc.runtime.hf import (
     LlavaOnevisionModelOutputWithPast,
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
     unpad_image,
 )
-from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState
 
 
@@ -137,16 +136,10 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     name = "llava_onevision"
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     capabilities = frozenset()  # tiles stitched with newline tokens: no image grid in the LLM
+    model_class = LlavaOnevisionForConditionalGeneration
+    compiled_mixin = CompiledLlavaOnevisionModel
     title = "LLaVA-OneVision"
     strategy = ("full", "SigLIP has no class token")
-
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, LlavaOnevisionForConditionalGeneration)
-
-    def install(self, model: nn.Module, graph: nn.Module) -> dict:
-        layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
-        return install_compiled(model, graph, CompiledLlavaOnevisionModel, [layer.self_attn for layer in layers],
-                                SizedCLIPAttention)
 
 
 @hookimpl

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from transformers import Qwen2VLForConditionalGeneration
 
 from luvc.fx.nodes import StackNode, captured_output
+from luvc.models.base import FamilyAdapter
 from luvc.registry import hookimpl
 from luvc.runtime import hf
-from luvc.runtime.compiled import CompiledVLM, install_compiled, uninstall_compiled, vision_output
-from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
+from luvc.runtime.compiled import CompiledVLM, vision_output
 from luvc.runtime.sized_attention import SizedVisionAttention
 from luvc.runtime.vision_scores import received_attention
 from luvc.state import LedgerRow, VisionState
@@ -108,7 +108,7 @@ class VisionProjectNode(StackNode):
         )
 
 
-class Qwen2VLAdapter:
+class Qwen2VLAdapter(FamilyAdapter):
     """Adapter for ``Qwen2VLForConditionalGeneration``."""
 
     name = "qwen2_vl"
@@ -116,26 +116,21 @@ class Qwen2VLAdapter:
     capabilities = frozenset({"llm_grid"})
     model_class: type = Qwen2VLForConditionalGeneration
     compiled_mixin: type  # set below: CompiledQwen2VLModel
+    sized_attention = SizedVisionAttention
 
-    def matches(self, model: nn.Module) -> bool:
-        return isinstance(model, self.model_class)
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.visual
 
     def vision_block_node(self, visual: nn.Module, index: int) -> StackNode:
         return VisionBlockNode(visual.blocks[index], index, visual)
 
-    def check(self, model: nn.Module) -> None:
-        check_attention(model.model.language_model.config)
-        check_attention(model.model.visual.config)
+    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        visual = model.model.visual
+        nodes = [(f"vision.blocks.{i}", self.vision_block_node(visual, i)) for i in range(len(visual.blocks))]
+        return nodes + [("vision.merger", VisionProjectNode(visual.merger))]
 
-    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        visual, lm = model.model.visual, model.model.language_model
-        nodes: list[tuple[str, StackNode]] = [
-            (f"vision.blocks.{i}", self.vision_block_node(visual, i)) for i in range(len(visual.blocks))
-        ]
-        nodes.append(("vision.merger", VisionProjectNode(visual.merger)))
-        nodes += [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb)) for i, layer in enumerate(lm.layers)]
-        nodes.append(("llm.norm", FinalNormNode(lm.norm)))
-        return nodes
+    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
+        return [block.attn for block in model.model.visual.blocks]
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1,
                    max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[tuple[int, int, int], int]:
@@ -147,11 +142,10 @@ class Qwen2VLAdapter:
 
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
         hf.reset_rope_deltas(model.model)
-        return install_compiled(model, graph, self.compiled_mixin, [b.attn for b in model.model.visual.blocks],
-                                SizedVisionAttention)
+        return super().install(model, graph)
 
     def uninstall(self, model: nn.Module, record: dict) -> None:
-        uninstall_compiled(model, record)
+        super().uninstall(model, record)
         hf.reset_rope_deltas(model.model)
 
 

@@ -1,0 +1,72 @@
+"""The adapter shape most families share, so a family module holds only what differs.
+
+A standard transformers VLM (``*ForConditionalGeneration``) keeps an inner
+model in ``model.model`` with a vision tower, a projector and a
+``language_model`` whose ``layers`` and final ``norm`` become the LLM's stack
+nodes. Compiling swaps the inner model's class for the family's compiled
+forward and each vision attention module's class for its size-weighted copy.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from luvc.fx.nodes import StackNode
+from luvc.runtime.compiled import install_compiled, uninstall_compiled
+from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
+
+
+class FamilyAdapter:
+    """Base of the built-in adapters (``luvc.registry.adapter.ModelAdapter``).
+
+    A family sets ``name``, ``architectures``, ``model_class`` (what ``matches``
+    checks), ``compiled_mixin`` (the compiled inner forward) and, where merged
+    tokens reach the tower's attention, ``sized_attention``; it builds its
+    ``vision_nodes`` and names the ``vision_attention`` modules to swap.
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    capabilities: frozenset[str] = frozenset()
+    model_class: type
+    compiled_mixin: type
+    #: the class each of ``vision_attention`` becomes while compiled (``object``: none is swapped)
+    sized_attention: type = object
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_class)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.vision_tower
+
+    def check(self, model: nn.Module) -> None:
+        check_attention(self.language_model(model).config)
+        check_attention(self.vision_tower(model).config)
+
+    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        """The vision blocks (``vision.blocks.<i>``) and the projector, in running order."""
+        raise NotImplementedError
+
+    def llm_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        """Every decoder layer (``llm.layers.<i>``), then the final norm (``llm.norm``)."""
+        lm = self.language_model(model)
+        nodes: list[tuple[str, StackNode]] = [(f"llm.layers.{i}", DecoderLayerNode(layer, i, lm.rotary_emb))
+                                              for i, layer in enumerate(lm.layers)]
+        return nodes + [("llm.norm", FinalNormNode(lm.norm))]
+
+    def stack_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
+        return self.vision_nodes(model) + self.llm_nodes(model)
+
+    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
+        """The vision attention modules that become ``sized_attention`` while compiled."""
+        return []
+
+    def install(self, model: nn.Module, graph: nn.Module) -> dict:
+        return install_compiled(model, graph, self.compiled_mixin, self.vision_attention(model),
+                                self.sized_attention)
+
+    def uninstall(self, model: nn.Module, record: dict) -> None:
+        uninstall_compiled(model, record)
