@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from luvc.errors import ScheduleError
 from luvc.registry import get_registry
-from luvc.schedules.schema import Schedule, Step
+from luvc.schedules.schema import Schedule, Step, line_in
 
 ScheduleLike = Schedule | str | Path | dict
 
@@ -79,17 +79,10 @@ def _from_text(text: str, source: str) -> Schedule:
 
 
 def _from_data(data: dict, source: str, lines: dict[tuple, int]) -> Schedule:
-    def line_of(loc: tuple) -> int | None:
-        while loc:
-            if loc in lines:
-                return lines[loc]
-            loc = loc[:-1]
-        return None
-
     try:
         schedule = Schedule.model_validate(data)
     except ValidationError as exc:
-        raise _schema_error(exc, Schedule, (), source, line_of) from None
+        raise _schema_error(exc, Schedule, (), source, lambda loc: line_in(lines, loc)) from None
     schedule._source = source
     schedule._lines = lines
     validate_against_registry(schedule)

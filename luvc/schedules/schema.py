@@ -105,16 +105,22 @@ class Schedule(BaseModel):
 
     def line_of(self, *loc: Any) -> int | None:
         """YAML line of ``loc`` (e.g. ``("llm", 0, "at")``), when loaded from YAML."""
-        while loc:
-            if loc in self._lines:
-                return self._lines[loc]
-            loc = loc[:-1]
-        return None
+        return line_in(self._lines, loc)
 
     @property
     def source(self) -> str:
         """Where the schedule came from: a file path, ``<yaml>``, ``<dict>`` or ``preset:NAME``."""
         return self._source
+
+
+def line_in(lines: dict[tuple, int], loc: tuple) -> int | None:
+    """The YAML line of ``loc`` in ``lines``, or of the nearest key enclosing it (a value's own line may
+    not be indexed, e.g. an item of a flow list); None when nothing encloses it."""
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
 
 
 def _is_range(text: str) -> bool:
