@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import luvc
-from luvc.fx.passes import plan_counts
 from luvc.plots import tokens_per_block
 from luvc.zoo import build_model
 
@@ -17,7 +16,7 @@ def main(out: Path = Path(__file__).parent / "img") -> list[Path]:
     for name in ("identity", "luvc-mild", "luvc-default", "luvc-aggressive", "luvc-detail"):
         _, adapter, graph = luvc.lower(model, name)
         grid, unit = adapter.input_grid(model, 448, 448)
-        series[name] = plan_counts(graph, [grid], unit)
+        series[name] = graph.luvc_plan.counts([grid], unit)
     return [tokens_per_block(series, out / "tokens-per-layer.png",
                              "Visual tokens per block: qwen2-vl-demo, one 448x448 image")]
 

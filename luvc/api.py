@@ -9,7 +9,7 @@ import yaml
 from torch import nn
 
 from luvc.errors import CompileError, ScheduleError
-from luvc.fx.passes import insert_transforms, verify
+from luvc.fx.passes import insert_transforms, plan_of
 from luvc.fx.trace import StackGraphModule, trace_stack
 from luvc.models import ModelAdapter, find_adapter
 from luvc.registry import get_registry
@@ -17,6 +17,7 @@ from luvc.registry.adapter import CAPABILITIES
 from luvc.runtime.hf import attn_implementation
 from luvc.schedules import Schedule, load_schedule, params_of
 from luvc.schedules.loader import ScheduleLike
+from luvc.schedules.verify import verify
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ def trace(model: nn.Module) -> StackGraphModule:
 
 
 def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdapter, StackGraphModule]:
-    """Trace ``model``, insert the schedule's transforms and verify them, changing nothing.
+    """Trace ``model``, place the schedule on its stacks, verify the plan and insert its transforms,
+    changing nothing.
 
     This is everything ``compile`` checks; it also works on a model built on
     the meta device, so schedules can be checked against models too large to
@@ -114,8 +116,10 @@ def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdap
     adapter = find_adapter(model)
     adapter.check(model)
     check_capabilities(resolved, adapter)
-    graph = insert_transforms(trace_stack(adapter.stack_nodes(model)), resolved)
-    verify(graph, resolved)
+    traced = trace_stack(adapter.stack_nodes(model))
+    plan = plan_of(traced, resolved)
+    verify(plan)
+    graph = insert_transforms(traced, plan)
     if resolved.proportional_llm_attention:
         impl = attn_implementation(model.config.get_text_config())
         if impl not in ("sdpa", "eager"):

@@ -118,7 +118,6 @@ def inspect(
 ) -> None:
     """Show the compiled FX graph and the planned visual tokens entering each node for one input."""
     import luvc
-    from luvc.fx.passes import plan_counts
 
     height, _, width = size.partition("x")
     if not (height.isdigit() and (width or height).isdigit()):
@@ -135,7 +134,7 @@ def inspect(
     console.print(str(graph), soft_wrap=True, highlight=False)
     table = Table("node", "visual tokens", title=f"{loaded.name} on {model}: one {size} px input, "
                   f"grid t={grid[0]} h={grid[1]} w={grid[2]} units of {unit}")
-    for node, count in plan_counts(graph, [grid], unit):
+    for node, count in graph.luvc_plan.counts([grid], unit):
         table.add_row(node, str(count))
     console.print(table)
 

@@ -14,7 +14,7 @@ def tokens_per_block(series: dict[str, list[tuple[str, int]]], path: Path, title
     """Step plot of visual tokens entering each block, one line per schedule.
 
     Args:
-        series: schedule name -> ``plan_counts`` rows (node, tokens) of the same model.
+        series: schedule name -> ``Plan.counts`` rows (node, tokens) of the same model.
         path: where to write the PNG.
         title: figure title.
     """

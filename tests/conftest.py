@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from luvc.registry import TransformSpec, hookimpl, register_plugin, unregister_plugin
 from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
 
 torch.set_num_threads(2)
@@ -21,6 +22,29 @@ def _no_grad():
 FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny", "idefics3-tiny", "gemma3-tiny",
             "llava-onevision-tiny"]
 VIDEO_FAMILIES = {"qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-onevision-tiny"}
+
+
+class _Specs:
+    def __init__(self, specs: tuple[TransformSpec, ...]) -> None:
+        self.specs = specs
+
+    @hookimpl
+    def luvc_transforms(self):
+        return list(self.specs)
+
+
+@pytest.fixture
+def register_transforms():
+    """``register_transforms(spec, ...)`` registers extra transforms as one plugin for this test only."""
+    plugins = []
+
+    def register(*specs: TransformSpec) -> None:
+        plugins.append(_Specs(specs))
+        register_plugin(plugins[-1])
+
+    yield register
+    for plugin in plugins:
+        unregister_plugin(plugin)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -7,8 +7,9 @@ import torch.fx as fx
 
 import luvc
 from luvc import ScheduleError, load_schedule
-from luvc.fx.passes import insert_transforms, verify
+from luvc.fx.passes import insert_transforms
 from luvc.fx.trace import StackGraphModule
+from luvc.schedules.plan import Plan
 from luvc.zoo import build_model
 
 
@@ -48,13 +49,10 @@ def test_transforms_sit_where_the_schedule_says(tiny_model):
     assert "spectrum_prune(keep=0.0" in text and "def forward(self, state)" in text
 
 
-def test_verifier_rejects_a_graph_that_keeps_visual_tokens(tiny_model):
-    """The proof runs on the graph: a claim with no eliminating node in it fails, naming the depth."""
-    claim = load_schedule("luvc-default")
-    graph = insert_transforms(luvc.trace(tiny_model), load_schedule({
-        "name": "partial", "llm": [{"transform": "spectrum_prune", "at": 1, "params": {"keep": 0.5}}]}))
-    with pytest.raises(ScheduleError, match="not all gone before the last of the 4 decoder layers"):
-        verify(graph, claim)
+def test_a_plan_for_other_stacks_is_not_inserted(tiny_model):
+    plan = Plan.of_depths(load_schedule("luvc-default"), vision_depth=8, llm_depth=4)
+    with pytest.raises(ValueError, match="placed on other stacks than this graph's"):
+        insert_transforms(luvc.trace(tiny_model), plan)
 
 
 def test_a_key_comparing_merge_right_after_another_transform_is_refused():

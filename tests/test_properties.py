@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 import luvc
 import luvc.models
 from luvc import ScheduleError
-from luvc.fx.passes import plan_counts
 from luvc.zoo import build_model, sample_image, vlm_inputs
 
 MODELS = {name: build_model(name) for name in FAMILIES}
@@ -93,7 +92,7 @@ def test_compiled_stack_invariants(family, schedule, batch):
                 assert [r.visual[b] for r in llm_rows if r.node == "llm.layers.3"] == [0]
             grids, unit = _grids_of(model, inputs, b, batch)
             packed = llm_rows[0].visual[b] if family in PACKED_FAMILIES else None  # tiles stitched, newlines
-            planned = dict(plan_counts(model.luvc_graph, grids, unit, llm_entry=packed))
+            planned = dict(model.luvc_graph.luvc_plan.counts(grids, unit, llm_entry=packed))
             assert all(planned[r.node] == r.visual[b] for r in llm_rows), "runtime matches the static plan"
         per_image = [r.visual for r in ledger if r.site == "vision"]
         for before, after in zip(per_image, per_image[1:]):

@@ -12,10 +12,17 @@ import torch.fx as fx
 from torch import nn
 
 from luvc.fx.nodes import StackNode
+from luvc.schedules.plan import Plan
 
 
 class StackGraphModule(fx.GraphModule):
-    """A ``GraphModule`` over stack nodes; ``print`` shows code and a node table."""
+    """A ``GraphModule`` over stack nodes; ``print`` shows code and a node table.
+
+    ``luvc_plan`` is the ``Plan`` its transforms were inserted from (None before any were): the static
+    visual-token counts of its nodes are ``luvc_plan.counts(grids, unit)``.
+    """
+
+    luvc_plan: Plan | None = None
 
     def __str__(self) -> str:
         return self.code.strip() + "\n\n" + self.nodes_table()

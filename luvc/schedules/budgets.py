@@ -25,9 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from luvc.registry import get_registry
-from luvc.schedules.loader import params_of
-from luvc.schedules.placement import resolve_positions
+from luvc.schedules.plan import Plan
 from luvc.schedules.schema import Schedule
 
 #: Target fractions of the uncompressed visual-token count.
@@ -38,29 +36,7 @@ REFERENCE = dict(llm_depth=28, vision_depth=32, grid=(1, 16, 16))
 
 def planned_counts(schedule: Schedule, llm_depth: int, vision_depth: int, grid: tuple[int, int, int]) -> list[int]:
     """Visual tokens entering each decoder layer for one image of unit ``grid``, by the static count rules."""
-    registry = get_registry()
-    counts: list[int] = []
-    for stage, depth in (("vision", vision_depth), ("llm", llm_depth)):
-        plan = sorted((pos, i) for i in range(len(getattr(schedule, stage)))
-                      for pos in resolve_positions(schedule, stage, i, depth))
-        occurrences: dict[str, int] = {}
-        steps = []
-        for pos, i in plan:
-            step = getattr(schedule, stage)[i]
-            spec = registry.transforms[step.transform]
-            k = occurrences.get(step.transform, 0)
-            occurrences[step.transform] = k + 1
-            steps.append((pos, spec, spec.bind(params_of(step), k)))
-        if stage == "vision":
-            for _, spec, params in steps:
-                grid = spec.plan(params, grid)
-            tokens = math.prod(grid)
-            continue
-        for layer in range(llm_depth):
-            for _, spec, params in (s for s in steps if s[0] == layer):
-                tokens = spec.plan(params, tokens)
-            counts.append(tokens)
-    return counts
+    return Plan.of_depths(schedule, vision_depth, llm_depth).layer_counts(grid)
 
 
 def planned_budget(schedule: Schedule, llm_depth: int, vision_depth: int, grid: tuple[int, int, int]) -> float:

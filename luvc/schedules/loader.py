@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from luvc.errors import ScheduleError
 from luvc.registry import get_registry
+from luvc.schedules.placement import check_site
 from luvc.schedules.schema import Schedule, Step, line_in
 
 ScheduleLike = Schedule | str | Path | dict
@@ -105,12 +106,7 @@ def validate_against_registry(schedule: Schedule) -> None:
                     source=source, line=schedule.line_of(*loc, "transform"), key=_key(loc + ("transform",)),
                     hint=f"installed: {', '.join(sorted(registry.transforms))}; see `luvc plugins`",
                 )
-            if spec.site != stage:
-                raise ScheduleError(
-                    f"{step.transform!r} runs in the {spec.site} stage, not in {stage!r}",
-                    source=source, line=schedule.line_of(*loc, "transform"), key=_key(loc + ("transform",)),
-                    hint=f"move this step under '{spec.site}:'",
-                )
+            check_site(schedule, stage, i, spec)
             try:
                 spec.params.model_validate(step.params)
             except ValidationError as exc:

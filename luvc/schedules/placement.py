@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from luvc.errors import ScheduleError
+from luvc.registry.spec import TransformSpec
 from luvc.schedules.schema import Schedule
 
 _STACK = {"vision": "vision encoder", "llm": "language model"}
@@ -58,3 +59,18 @@ def resolve_positions(schedule: Schedule, stage: str, step_index: int, depth: in
             )
         resolved.add(index)
     return sorted(resolved)
+
+
+def check_site(schedule: Schedule, stage: str, step_index: int, spec: TransformSpec) -> None:
+    """Refuse a step placed in a stage its transform does not run in (a vision transform reads a
+    ``VisionState``, an LLM transform an ``LLMState``).
+
+    Raises:
+        ScheduleError: naming the step's line and the stage to move it to.
+    """
+    if spec.site != stage:
+        raise ScheduleError(
+            f"{spec.name!r} runs in the {spec.site} stage, not in {stage!r}",
+            source=schedule.source, line=schedule.line_of(stage, step_index, "transform"),
+            key=f"{stage}[{step_index}].transform", hint=f"move this step under '{spec.site}:'",
+        )
