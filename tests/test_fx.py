@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch.fx as fx
+from pydantic import BaseModel, ConfigDict
 
 import luvc
-from luvc import ScheduleError, load_schedule
+from luvc import CompileError, ScheduleError, load_schedule
 from luvc.fx.passes import insert_transforms
 from luvc.fx.trace import StackGraphModule
+from luvc.registry import TransformSpec
 from luvc.schedules.plan import Plan
-from luvc.zoo import build_model
+from luvc.zoo import build_model, sample_image, vlm_inputs
 
 
 @pytest.fixture
@@ -53,6 +55,26 @@ def test_a_plan_for_other_stacks_is_not_inserted(tiny_model):
     plan = Plan.of_depths(load_schedule("luvc-default"), vision_depth=8, llm_depth=4)
     with pytest.raises(ValueError, match="placed on other stacks than this graph's"):
         insert_transforms(luvc.trace(tiny_model), plan)
+
+
+class _NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def test_the_final_layer_refuses_visual_tokens_a_claimed_elimination_kept(tiny_model, register_transforms):
+    """A transform whose eliminates() and count rule say it removes every visual token, but whose run keeps
+    them, passes the static proof; the final norm catches it at the first prefill."""
+    register_transforms(TransformSpec(name="keeps_all", site="llm", params=_NoParams, run=lambda state, p: state,
+                                      plan=lambda p, n: 0, eliminates=lambda p: True))
+    luvc.compile(tiny_model, {"name": "broken", "eliminate_visual": True,
+                              "llm": [{"transform": "keeps_all", "at": 2}]})
+    with pytest.raises(CompileError, match=r"claims eliminate_visual, but 64 visual token\(s\) reached the final "
+                                           r"layer; llm.transforms.keeps_all_0 should have removed them all"):
+        tiny_model(**vlm_inputs([[sample_image("astronaut")]]))
+    luvc.uncompile(tiny_model)
+    luvc.compile(tiny_model, {"name": "honest", "eliminate_visual": True,
+                              "llm": [{"transform": "spectrum_prune", "at": 2, "params": {"keep": 0.0}}]})
+    tiny_model.generate(**vlm_inputs([[sample_image("astronaut")]]), max_new_tokens=2, do_sample=False)
 
 
 def test_a_key_comparing_merge_right_after_another_transform_is_refused():

@@ -40,6 +40,10 @@ def insert_transforms(gm: StackGraphModule, plan: Plan) -> StackGraphModule:
     """Insert one transform node per placed step of ``plan``, before its block, and keep the plan
     on the graph as ``gm.luvc_plan``.
 
+    When the schedule claims ``eliminate_visual``, the language model's exit node (``FinalNormNode``)
+    is given the labels of the steps that should have removed every visual token, so each prefill
+    checks the claim.
+
     Raises:
         ValueError: ``plan`` was placed on other stacks than ``gm``'s.
         ScheduleError: a transform that needs a vision block's attention has no block right before it.
@@ -59,6 +63,9 @@ def insert_transforms(gm: StackGraphModule, plan: Plan) -> StackGraphModule:
                          step=step.step_index, params=step.params)
         before.replace_input_with(upstream, node)
     _mark_key_capture(gm, plan.schedule)
+    if plan.schedule.eliminate_visual:
+        final = gm.get_submodule(stack_exit(gm, "llm").target)
+        final.eliminated_by = tuple(step.label for step in plan.eliminating_steps())
     gm.luvc_plan = plan
     gm.graph.lint()
     gm.recompile()

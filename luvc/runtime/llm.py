@@ -221,6 +221,9 @@ class FinalNormNode(StackNode):
 
     site = "llm"
     kind = "io"
+    #: Labels of the transform nodes that should have removed every visual token, set by the lowering
+    #: when the schedule claims ``eliminate_visual``; empty: no claim to check.
+    eliminated_by: tuple[str, ...] = ()
 
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
@@ -229,7 +232,22 @@ class FinalNormNode(StackNode):
     def forward(self, state: LLMState) -> LLMState:
         if not state.decoding:
             state.log.append(state.ledger_row("llm.norm"))
+            if self.eliminated_by:
+                _check_eliminated(state, self.eliminated_by)
         return _with_hidden(state, self.block(state.hidden))
+
+
+def _check_eliminated(state: LLMState, eliminated_by: tuple[str, ...]) -> None:
+    """Refuse a prefill whose visual tokens reached the final layer although the schedule claims none do
+    (one host sync per prefill): a transform's ``run`` disagrees with its ``eliminates`` rule."""
+    left = int((state.visual & state.valid).sum())
+    if left:
+        raise CompileError(
+            f"the schedule claims eliminate_visual, but {left} visual token(s) reached the final layer; "
+            f"{', '.join(eliminated_by)} should have removed them all\n"
+            "  the transform's run keeps tokens its eliminates() says it removes: fix the transform, or set "
+            "eliminate_visual: false"
+        )
 
 
 def _with_hidden(state: LLMState, hidden: Tensor) -> LLMState:

@@ -56,6 +56,7 @@ def test_the_graph_is_lowered_from_its_plan():
     _, _, graph = luvc.lower(model, "luvc-default")
     inserted = [n.target for n in graph.graph.nodes if n.meta.get("kind") == "transform"]
     assert inserted == [s.label for s in graph.luvc_plan.steps]
+    assert graph.get_submodule("llm.norm").eliminated_by == ("llm.transforms.spectrum_prune_3",)
     assert [row.node for row in graph.luvc_plan.counts([(1, 8, 8)], 4)] == [
         n.target for n in graph.graph.nodes if n.op == "call_module"]
 
