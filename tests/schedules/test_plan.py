@@ -82,22 +82,22 @@ def test_a_step_that_adds_tokens_back_after_the_elimination_is_refused_at_its_li
     assert caught.value.hint == "move this step before llm.transforms.spectrum_prune_0 or remove it"
 
 
-def test_a_vision_step_whose_count_rule_grows_the_grid_is_refused(register_transforms):
-    register_transforms(TransformSpec(name="upsample", site="vision", params=NoParams, run=keep_all,
-                                      plan=lambda params, grid: (grid[0], grid[1] * 2, grid[2])))
-    schedule = load_schedule("name: up\nvision:\n  - transform: upsample\n    at: 1.0\n")
-    with pytest.raises(ScheduleError, match=r"^<yaml>:3: vision\[0\]\.transform: upsample adds visual tokens: "
-                                            r"1 enter vision.transforms.upsample_0 and 2 leave it"):
-        verify(Plan.of_depths(schedule, 4, 4))
-
-
-def test_an_eliminating_step_whose_count_rule_leaves_tokens_is_refused(register_transforms):
-    register_transforms(TransformSpec(name="half_gone", site="llm", params=NoParams, run=keep_all,
-                                      plan=lambda params, n: n // 2, eliminates=lambda params: True))
-    schedule = load_schedule("name: h\neliminate_visual: true\nllm:\n  - transform: half_gone\n    at: 0\n")
-    with pytest.raises(ScheduleError, match=r"half_gone says it eliminates every visual token \(eliminates\), but "
-                                            r"its count rule leaves 7 of 15"):
-        verify(Plan.of_depths(schedule, 4, 4))
+@pytest.mark.parametrize("spec, schedule, error", [
+    (TransformSpec(name="upsample", site="vision", params=NoParams, run=keep_all,
+                   plan=lambda params, grid: (grid[0], grid[1] * 2, grid[2])),
+     "name: up\nvision:\n  - transform: upsample\n    at: 1.0\n",
+     r"^<yaml>:3: vision\[0\]\.transform: upsample adds visual tokens: 1 enter vision.transforms.upsample_0 and 2 "
+     r"leave it"),
+    (TransformSpec(name="half_gone", site="llm", params=NoParams, run=keep_all,
+                   plan=lambda params, n: n // 2, eliminates=lambda params: True),
+     "name: h\neliminate_visual: true\nllm:\n  - transform: half_gone\n    at: 0\n",
+     r"^<yaml>:4: llm\[0\]\.transform: half_gone says it eliminates every visual token \(eliminates\), but its "
+     r"count rule leaves 7 of 15"),
+], ids=["vision-grid-grows", "eliminates-but-counts-leave-tokens"])
+def test_a_count_rule_that_contradicts_the_plan_is_refused(register_transforms, spec, schedule, error):
+    register_transforms(spec)
+    with pytest.raises(ScheduleError, match=error):
+        verify(Plan.of_depths(load_schedule(schedule), 4, 4))
 
 
 def test_a_transform_placed_in_a_stage_it_does_not_run_in_is_refused(register_transforms):
