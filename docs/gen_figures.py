@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import luvc
+from luvc.examples import build_model
 from luvc.plots import tokens_per_block
-from luvc.zoo import build_model
 
 
 def main(out: Path = Path(__file__).parent / "img") -> list[Path]:

@@ -16,7 +16,7 @@ app = typer.Typer(help="luvc: training-free visual-token compression for VLMs.",
 console = Console()
 errors = Console(stderr=True)
 
-MODEL_HELP = ("built-in config (luvc.zoo: qwen2-vl-tiny, qwen2.5-vl-tiny, llava-tiny, qwen2-vl-2b, ...) "
+MODEL_HELP = ("built-in config (luvc.examples: qwen2-vl-tiny, qwen2.5-vl-tiny, llava-tiny, qwen2-vl-2b, ...) "
               "or a local checkpoint directory")
 
 
@@ -143,17 +143,18 @@ def _load_model(name: str):
     """A model on the meta device (no memory, no weights) from a built-in config or a checkpoint's config."""
     import torch
 
-    from luvc.zoo import CONFIGS, build_model
+    from luvc.examples import build_model, examples
 
-    if name in CONFIGS:
+    known = examples()
+    if name in known:
         return build_model(name, device="meta")
     path = Path(name)
     if not (path / "config.json").is_file():
         import difflib
 
-        close = difflib.get_close_matches(name, CONFIGS, n=1)
+        close = difflib.get_close_matches(name, known, n=1)
         raise UnknownModelError(f"unknown model {name!r}: not a built-in config "
-                                f"{f'(did you mean {close[0]!r}?) ' if close else ''}({', '.join(CONFIGS)}) "
+                                f"{f'(did you mean {close[0]!r}?) ' if close else ''}({', '.join(known)}) "
                                 "nor a directory with config.json")
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -174,7 +175,7 @@ def bench_main() -> None:
 @bench.command("speed")
 def bench_speed(
     model: str = typer.Option("qwen2-vl-2b", help="built-in config (qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-7b, "
-                              "llava-1.5-7b, and the *-tiny ones; see luvc.zoo) or a local checkpoint directory; "
+                              "llava-1.5-7b, and the *-tiny ones; see luvc.examples) or a local checkpoint directory; "
                               "LLaVA resizes every image to its fixed size"),
     schedule: list[str] = typer.Option(["luvc-default"], help="schedule to compare (repeatable); identity is "
                                        "always measured as the reference"),

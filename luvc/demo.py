@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 import luvc
+from luvc.examples import build_model, sample_image, vlm_inputs
 from luvc.measure import Timing, count_flops, time_call
-from luvc.zoo import build_model, sample_image, vlm_inputs
 
 
 @dataclass

@@ -42,7 +42,7 @@ class UnsupportedModelError(LuvcError, TypeError):
 
 
 class UnknownModelError(LuvcError, ValueError):
-    """A model named on the command line or to ``luvc.zoo`` is neither a built-in config nor a checkpoint."""
+    """A model named on the command line or to ``luvc.examples`` is neither a built-in config nor a checkpoint."""
 
 
 class CompileError(LuvcError, RuntimeError):

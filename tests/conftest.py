@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from luvc.registry import TransformSpec, hookimpl, register_plugin, unregister_plugin
-from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
+from luvc.examples import build_model, model_config, sample_image, vlm_inputs
+from luvc.registry import TransformSpec, get_registry, hookimpl, register_plugin, unregister_plugin
 
 torch.set_num_threads(2)
 
@@ -18,10 +18,12 @@ def _no_grad():
         yield
 
 
-#: Every supported family's tiny config: model-level tests run on each.
-FAMILIES = ["qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-tiny", "internvl-tiny", "idefics3-tiny", "gemma3-tiny",
-            "llava-onevision-tiny"]
-VIDEO_FAMILIES = {"qwen2-vl-tiny", "qwen2.5-vl-tiny", "llava-onevision-tiny"}
+#: Every registered family's tiny example (its adapter's first): model-level tests run on each, so a new
+#: adapter joins them through its ``examples`` alone.
+FAMILIES = [next(iter(a.examples)) for a in get_registry().adapters if getattr(a, "examples", None)]
+#: The families whose compiled forward takes video.
+VIDEO_FAMILIES = {next(iter(a.examples)) for a in get_registry().adapters
+                  if getattr(a, "examples", None) and "video" in a.compiled_mixin._luvc_placeholders}
 
 
 class _Specs:

@@ -12,8 +12,8 @@ import luvc
 from luvc.bench import report
 from luvc.bench.speed import RATIO_FIELDS, BenchInput, make_inputs, run_speed, to_json
 from luvc.cli import app
+from luvc.examples import build_model
 from luvc.measure import count_flops
-from luvc.zoo import build_model
 
 
 def hand_count_llm_prefill(config, tokens: int) -> int:

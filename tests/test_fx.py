@@ -8,11 +8,11 @@ from pydantic import BaseModel, ConfigDict
 
 import luvc
 from luvc import CompileError, ScheduleError, load_schedule
+from luvc.examples import build_model, sample_image, vlm_inputs
 from luvc.fx.passes import insert_transforms
 from luvc.fx.trace import StackGraphModule
 from luvc.registry import TransformSpec
 from luvc.schedules.plan import Plan
-from luvc.zoo import build_model, sample_image, vlm_inputs
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import luvc
 import luvc.models
 from luvc import ScheduleError
-from luvc.zoo import build_model, sample_image, vlm_inputs
+from luvc.examples import build_model, sample_image, vlm_inputs
 
 MODELS = {name: build_model(name) for name in FAMILIES}
 PHOTO = sample_image("astronaut")

@@ -32,6 +32,9 @@ class FamilyAdapter:
     compiled_mixin: type
     #: the class each of ``vision_attention`` becomes while compiled (``object``: none is swapped)
     sized_attention: type = object
+    #: named example sizes (``luvc.examples``): ``text`` and ``vision`` config keywords, plus family extras.
+    #: The first is the family's tiny model, on which the family-parametrised tests run.
+    examples: dict[str, dict] = {}
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)
@@ -70,3 +73,15 @@ class FamilyAdapter:
 
     def uninstall(self, model: nn.Module, record: dict) -> None:
         uninstall_compiled(model, record)
+
+    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+        """The transformers config of an example: ``text`` and ``vision`` config keywords, ``spec`` its
+        entry in ``examples``, ``vision_layers`` a shorter vision depth (None: as given)."""
+        raise NotImplementedError(f"the {self.name} adapter has no example configs")
+
+    def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        """Processor-style inputs for ``luvc.examples.vlm_inputs``, as the family's processor makes them."""
+        raise NotImplementedError(f"the {self.name} adapter makes no example inputs")
+
+    def example_init(self, model: nn.Module) -> None:
+        """Adjust a freshly initialised example where random weights would hide what is measured."""

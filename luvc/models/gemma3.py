@@ -28,11 +28,12 @@ import functools
 
 import torch
 from torch import Tensor, nn
-from transformers import Gemma3ForConditionalGeneration
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.base import FamilyAdapter
+from luvc.models.example_inputs import IMAGE_TOKEN, VISION_END, VISION_START, fixed_grid_inputs
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
@@ -127,6 +128,54 @@ class Gemma3Adapter(FamilyAdapter):
         n = int(model.config.mm_tokens_per_image ** 0.5)
         block = model.model.multi_modal_projector.kernel_size
         return (1, n, n), block * block
+
+    examples = {
+        # SigLIP patches average-pooled 4 x 4 into soft tokens (as the released models do), a Gemma 3 LLM
+        # alternating sliding-window and global layers; the window is short enough to cut inside a prompt.
+        "gemma3-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, sliding_window=48, sliding_window_pattern=2,
+                      query_pre_attn_scalar=16),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=224, patch_size=7),
+            tokens_per_image=64,
+        ),
+        # The released geometry at the tiny width: 896 px, 64 x 64 patches pooled to 256 soft tokens.
+        "gemma3-896-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, sliding_window=48, sliding_window_pattern=2,
+                      query_pre_attn_scalar=16),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=896, patch_size=14),
+            tokens_per_image=256,
+        ),
+    }
+
+    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        pattern = text.pop("sliding_window_pattern")
+        text["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                               for i in range(text["num_hidden_layers"])]
+        config = Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=SiglipVisionConfig(**vision),
+                              mm_tokens_per_image=spec["tokens_per_image"], image_token_index=IMAGE_TOKEN,
+                              boi_token_index=VISION_START, eoi_token_index=VISION_END)
+        config.image_seq_length = spec["tokens_per_image"]
+        return config
+
+    def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        """Each image's soft tokens between begin/end-of-image tokens, and ``token_type_ids`` marking
+        them, as the Gemma 3 processor does."""
+        if any(videos):
+            raise ValueError(f"{config.model_type} takes no video")
+        out = fixed_grid_inputs(images, prompts, config, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                                wrap=([config.boi_token_index], [config.eoi_token_index]))
+        out["token_type_ids"] = (out["input_ids"] == config.image_token_id).long()
+        return out
+
+    def example_init(self, model: nn.Module) -> None:
+        """The projector starts at zero, so images would not count: random weights instead."""
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
 
 
 @hookimpl

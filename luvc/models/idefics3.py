@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import Idefics3ForConditionalGeneration
+from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.base import FamilyAdapter
+from luvc.models.example_inputs import IMAGE_TOKEN, fixed_grid_inputs
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
@@ -93,6 +94,48 @@ class Idefics3Adapter(FamilyAdapter):
         cfg = model.config
         n = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.scale_factor
         return (1, n, n), cfg.scale_factor ** 2
+
+    examples = {
+        # SigLIP without a class token, pixel-shuffle connector, Llama LLM.
+        "idefics3-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=224, patch_size=14),
+        ),
+        # Idefics3-8B's tile geometry at the tiny width: 169 tokens per tile.
+        "idefics3-364-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=364, patch_size=14),
+        ),
+    }
+
+    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        config = Idefics3Config(vision_config=Idefics3VisionConfig(**vision), text_config=LlamaConfig(**text),
+                                image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=False)
+        config.image_seq_length = (vision["image_size"] // vision["patch_size"] // 2) ** 2
+        return config
+
+    def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        """One tile per image, packed ``[batch, tiles, 3, H, W]`` with all-zero padding tiles and a
+        ``pixel_attention_mask``, as the Idefics3 processor packs them."""
+        if any(videos):
+            raise ValueError(f"{config.model_type} takes no video")
+        out = fixed_grid_inputs(images, prompts, config, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        if "pixel_values" in out:
+            flat, per_row = out["pixel_values"], [len(sample) for sample in images]
+            side = flat.shape[-1]
+            stacked = torch.zeros(len(per_row), max(per_row), *flat.shape[1:])
+            masks = torch.zeros(len(per_row), max(per_row), side, side, dtype=torch.long)
+            starts = [sum(per_row[:b]) for b in range(len(per_row))]
+            for b, (start, n) in enumerate(zip(starts, per_row)):
+                stacked[b, :n], masks[b, :n] = flat[start:start + n], 1
+            out["pixel_values"], out["pixel_attention_mask"] = stacked, masks
+        return out
 
 
 @hookimpl

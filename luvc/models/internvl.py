@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import InternVLForConditionalGeneration
+from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.base import FamilyAdapter
+from luvc.models.example_inputs import IMAGE_TOKEN, fixed_grid_inputs
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import vision_output
@@ -155,6 +156,36 @@ class InternVLAdapter(FamilyAdapter):
         cfg = model.config.vision_config
         side = cfg.image_size[0] // cfg.patch_size[0]
         return (1, side // 2, side // 2), UNIT
+
+    examples = {
+        # InternViT with a class token and absolute positions, pixel-shuffle projector, Qwen2 LLM.
+        "internvl-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=224, patch_size=14),
+        ),
+        # InternVL's tile geometry at the tiny width: 256 tokens per tile.
+        "internvl-448-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=448, patch_size=14),
+        ),
+    }
+
+    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        side = vision["image_size"] // vision["patch_size"]
+        vision.update(image_size=[vision["image_size"]] * 2, patch_size=[vision["patch_size"]] * 2)
+        return InternVLConfig(vision_config=InternVLVisionConfig(**vision), text_config=Qwen2Config(**text),
+                              image_token_id=IMAGE_TOKEN, image_seq_length=(side // 2) ** 2)
+
+    def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        if any(videos):
+            raise ValueError(f"{config.model_type} takes no video")
+        return fixed_grid_inputs(images, prompts, config, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 @hookimpl

@@ -20,11 +20,12 @@ import dataclasses
 
 import torch
 from torch import Tensor, nn
-from transformers import LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.base import FamilyAdapter
+from luvc.models.example_inputs import IMAGE_TOKEN, fixed_grid_inputs
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import CompiledVLM, vision_output
 from luvc.runtime.hf import LlavaModelOutputWithPast
@@ -173,6 +174,44 @@ class LlavaAdapter(FamilyAdapter):
         cfg = model.config.vision_config
         side = cfg.image_size // cfg.patch_size
         return (1, side, side), 1
+
+    examples = {
+        # CLIP ViT with a class token (fixed grid), MLP projector, Llama LLM with 1-D rotary.
+        "llava-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                        image_size=224, patch_size=14),
+        ),
+        # LLaVA-1.5's geometry at the tiny width: 576 tokens per image.
+        "llava-336-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
+                        image_size=336, patch_size=14),
+        ),
+        "llava-1.5-7b": dict(
+            text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32064),
+            vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=336, patch_size=14),
+        ),
+    }
+    #: CLIP's normalisation (mean, std)
+    normalisation = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+        if vision_layers is not None:  # LLaVA counts the blocks that run: its feature layer is the second-to-last
+            vision["num_hidden_layers"] = vision_layers + 1
+        return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                           image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default",
+                           image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
+
+    def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        if any(videos):
+            raise ValueError(f"{config.model_type} takes no video")
+        return fixed_grid_inputs(images, prompts, config, *self.normalisation)
 
 
 @hookimpl

@@ -27,8 +27,15 @@ import math
 
 import torch
 from torch import Tensor, nn
-from transformers import LlavaOnevisionForConditionalGeneration
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
+from luvc.models.example_inputs import IMAGE_TOKEN, VIDEO_TOKEN, padded, square_pixels
 from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import vision_output
@@ -140,6 +147,67 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     compiled_mixin = CompiledLlavaOnevisionModel
     title = "LLaVA-OneVision"
     strategy = ("full", "SigLIP has no class token")
+    examples = {
+        # SigLIP on a base tile plus any-resolution tiles (8 x 8 patches each here), newline tokens after each
+        # row of the stitched tiles, video frames pooled 2 x 2; a Qwen2 LLM.
+        "llava-onevision-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=112, patch_size=14),
+            pinpoints=[[112, 112], [112, 224], [224, 112], [224, 224], [112, 336], [336, 112]],
+        ),
+        # SigLIP-384 tiles (729 tokens) and the released pinpoints, at the tiny width.
+        "llava-onevision-384-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2),
+            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                        image_size=384, patch_size=14),
+            pinpoints=[[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+        ),
+    }
+
+    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+        if vision_layers is not None:
+            vision["num_hidden_layers"] = vision_layers
+        return LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
+                                    image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
+                                    image_grid_pinpoints=spec["pinpoints"], vision_feature_layer=-1,
+                                    vision_feature_select_strategy="full", tie_word_embeddings=False)
+
+    def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        """What LLaVA-OneVision's own image processor makes: a sample with one image gets the base tile plus
+        any-resolution tiles, a sample with several gets base tiles only (``batch_num_images``); videos are
+        resized frames. Placeholders per image and video are what the model's packing makes of them."""
+        side = config.vision_config.image_size
+        grid = side // config.vision_config.patch_size
+        processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                    image_grid_pinpoints=config.image_grid_pinpoints)
+        images = list(images) or [[] for _ in prompts]
+        videos = list(videos) or [[] for _ in prompts]
+        out: dict = {}
+        rows = [[1] for _ in prompts]
+        if any(images):
+            feats = processor(images=[list(sample) for sample in images if sample], return_tensors="pt")
+            out.update(pixel_values=feats["pixel_values"], image_sizes=feats["image_sizes"],
+                       batch_num_images=feats["batch_num_images"])
+            sizes = iter(feats["image_sizes"])
+            for row, sample in zip(rows, images):
+                for _ in sample:
+                    size = next(sizes)
+                    tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, side) \
+                        if len(sample) == 1 else 1
+                    row += [config.image_token_id] * packed_length(tiles, grid, size, config)
+        clips = [video for sample in videos for video in sample]
+        if clips:
+            out["pixel_values_videos"] = torch.stack([
+                torch.stack([square_pixels(frame, side, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for frame in clip])
+                for clip in clips])
+            for row, sample in zip(rows, videos):
+                for clip in sample:
+                    row += [config.video_token_id] * (len(clip) * ((grid + 1) // 2) ** 2 + 1)
+        out.update(padded([row + list(prompt) for row, prompt in zip(rows, prompts)]))
+        return out
 
 
 @hookimpl

@@ -22,10 +22,11 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Qwen2VLForConditionalGeneration
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.base import FamilyAdapter
+from luvc.models.example_inputs import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, padded
 from luvc.registry import hookimpl
 from luvc.runtime import hf
 from luvc.runtime.compiled import CompiledVLM, vision_output
@@ -147,6 +148,92 @@ class Qwen2VLAdapter(FamilyAdapter):
     def uninstall(self, model: nn.Module, record: dict) -> None:
         super().uninstall(model, record)
         hf.reset_rope_deltas(model.model)
+
+    config_class: type = Qwen2VLConfig
+    examples = {
+        # Small enough for property tests: 4 vision blocks, 4 decoder layers.
+        "qwen2-vl-tiny": dict(
+            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                              "rope_theta": 10000.0}),
+            vision=dict(depth=4, embed_dim=32, num_heads=4, mlp_ratio=2),
+        ),
+        # The demo's model: Qwen2-VL-2B's shape ratios at a size a laptop CPU runs in seconds.
+        "qwen2-vl-demo": dict(
+            text=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6,
+                      num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12],
+                                                              "rope_theta": 1000000.0}),
+            vision=dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4),
+        ),
+        # Real dimensions of Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct (their config.json), for speed runs.
+        "qwen2-vl-2b": dict(
+            text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                      num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                              "rope_theta": 1000000.0}, vocab_size=151936,
+                      tie_word_embeddings=True),
+            vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+        ),
+        "qwen2-vl-7b": dict(
+            text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                      num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                              "rope_theta": 1000000.0}, vocab_size=152064,
+                      tie_word_embeddings=False),
+            vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+        ),
+    }
+
+    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+        vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision)
+        vision[self._vision_out_key] = text["hidden_size"]
+        if vision_layers is not None:
+            vision["depth"] = vision_layers
+            if "fullatt_block_indexes" in vision:
+                vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"]
+                                                   if i < vision_layers] or [vision_layers - 1]
+        tie = text.pop("tie_word_embeddings", True)
+        return self.config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                                 video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                                 vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+
+    _vision_out_key = "hidden_size"  # the vision config key of the width the merger projects to
+
+    def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        """What the Qwen2-VL processor gives: each image or video wrapped in vision start/end tokens with
+        one placeholder per LLM token, ``mm_token_type_ids``, pixel tensors and grids."""
+        processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=pixels)
+        out: dict = {}
+        rows: list[list[int]] = [[1] for _ in prompts]
+        start, end = config.vision_start_token_id, config.vision_end_token_id
+        for kind, per_sample, token in (("image", images, config.image_token_id),
+                                        ("video", videos, config.video_token_id)):
+            items = [(i, item) for i, sample in enumerate(per_sample) for item in sample]
+            if not items:
+                continue
+            if kind == "image":
+                feats = processor(images=[item for _, item in items], return_tensors="pt")
+                out["pixel_values"], grid = feats["pixel_values"], feats["image_grid_thw"]
+                out["image_grid_thw"] = grid
+            else:
+                frames = [processor(images=list(v), return_tensors="pt") for _, v in items]
+                out["pixel_values_videos"] = torch.cat([_as_video(f) for f in frames])
+                grid = torch.tensor([[len(v) // 2, *f["image_grid_thw"][0, 1:].tolist()]
+                                     for (_, v), f in zip(items, frames)])
+                out["video_grid_thw"] = grid
+            for (i, _), g in zip(items, grid.tolist()):
+                rows[i] += [start] + [token] * (g[0] * g[1] * g[2] // 4) + [end]
+        out.update(padded([row + list(prompt) for row, prompt in zip(rows, prompts)]))
+        ids = out["input_ids"]
+        out["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+        return out
+
+
+def _as_video(features) -> Tensor:
+    """Pair consecutive frames' patches into temporal patches (temporal_patch_size 2)."""
+    pv = features["pixel_values"]
+    t, h, w = len(features["image_grid_thw"]), *features["image_grid_thw"][0, 1:].tolist()
+    per = pv.view(t, h * w, 3, 2, -1)[:, :, :, 0]  # each frame's first temporal copy
+    pairs = per.view(t // 2, 2, h * w, 3, -1).permute(0, 2, 3, 1, 4)
+    return pairs.reshape((t // 2) * h * w, -1)
 
 
 def restore_cells(positions: Tensor, placed: Tensor, out, merge: int) -> None:

@@ -8,7 +8,7 @@ from conftest import generate, greedy_without_cache
 
 import luvc
 from luvc import CompileError, ScheduleError, UnsupportedModelError
-from luvc.zoo import build_model
+from luvc.examples import build_model
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -62,7 +62,7 @@ def test_detail_preset_scores_each_image_on_its_own_grid(family, mixed_batch_inp
 
 def test_a_grid_score_after_an_image_became_a_row_is_a_clear_error(astronaut):
     """ToMe lays an image out as one row of tokens: SPU's grid axis then has no grid, and says so at run time."""
-    from luvc.zoo import model_config, vlm_inputs
+    from luvc.examples import model_config, vlm_inputs
 
     model = build_model("qwen2-vl-tiny")
     inputs = vlm_inputs([[astronaut]], prompts=[(10, 11)], config=model_config("qwen2-vl-tiny"))
@@ -75,8 +75,8 @@ def test_a_grid_score_after_an_image_became_a_row_is_a_clear_error(astronaut):
 def test_detail_scores_an_image_the_same_whatever_else_is_in_the_batch(astronaut, coffee, monkeypatch):
     """luvc-detail's first SPU step scores an image's tokens the same alone and beside other samples with
     other images (the batch pads it on the left)."""
+    from luvc.examples import model_config, vlm_inputs
     from luvc.transforms import spectrum_prune as spu
-    from luvc.zoo import model_config, vlm_inputs
 
     seen = []
     original = spu.spu_scores
@@ -243,7 +243,7 @@ def test_an_unknown_forward_keyword_is_refused_not_dropped(single_image_inputs, 
 
 
 def test_a_per_call_vision_setting_other_than_the_config_is_refused(astronaut):
-    from luvc.zoo import model_config, vlm_inputs
+    from luvc.examples import model_config, vlm_inputs
 
     model = build_model("llava-tiny")
     inputs = vlm_inputs([[astronaut]], config=model_config("llava-tiny"))

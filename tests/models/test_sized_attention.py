@@ -9,7 +9,7 @@ from conftest import generate, greedy_without_cache
 from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
 
 import luvc
-from luvc.zoo import build_model, model_config, vlm_inputs
+from luvc.examples import build_model, model_config, vlm_inputs
 
 
 def reference(attn, hidden, cu_seqlens, rope, sizes):

@@ -9,9 +9,9 @@ import torch
 
 import luvc
 from luvc.errors import PluginError
+from luvc.examples import build_model, vlm_inputs
 from luvc.registry import Registry, TransformSpec, get_registry, hookimpl
 from luvc.transforms.spectrum_prune import SPUParams
-from luvc.zoo import build_model, vlm_inputs
 
 
 def _example_installed() -> bool:

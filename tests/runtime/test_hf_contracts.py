@@ -13,6 +13,7 @@ import torch
 from conftest import FAMILIES
 
 import luvc
+from luvc.examples import build_model
 from luvc.models import find_adapter
 from luvc.models.gemma3 import PooledProjectorNode
 from luvc.models.internvl import InternViTLayerNode, unit_major
@@ -20,7 +21,6 @@ from luvc.models.llava_onevision import pack_image
 from luvc.runtime.hf import CACHE_KWARG, image_size_to_num_patches
 from luvc.runtime.llm import DecoderLayerNode
 from luvc.state import LLMState, VisionState
-from luvc.zoo import build_model
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 

@@ -15,10 +15,10 @@ from conftest import FAMILIES
 from transformers.generation.utils import GenerationMixin
 
 import luvc
+from luvc.examples import build_model, model_config, vlm_inputs
 from luvc.models import find_adapter
 from luvc.runtime import hf
 from luvc.runtime.llm import DecoderLayerNode
-from luvc.zoo import build_model, model_config, vlm_inputs
 
 LUVC = Path(__file__).resolve().parents[2] / "luvc"
 SEAM = LUVC / "runtime" / "hf.py"

@@ -7,6 +7,7 @@ import math
 import pytest
 
 import luvc
+from luvc.examples import build_model, model_config, sample_image, vlm_inputs
 from luvc.registry import get_registry
 from luvc.schedules import Schedule, load_schedule, params_of
 from luvc.schedules.budgets import (
@@ -22,7 +23,6 @@ from luvc.schedules.budgets import (
     planned_counts,
     reference_presets,
 )
-from luvc.zoo import build_model, model_config, sample_image, vlm_inputs
 
 PRESETS = reference_presets()
 

@@ -8,11 +8,11 @@ from pydantic import BaseModel, ConfigDict
 
 import luvc
 from luvc import ScheduleError, load_schedule
+from luvc.examples import build_model
 from luvc.registry import TransformSpec
 from luvc.schedules import Schedule
 from luvc.schedules.plan import Count, Plan
 from luvc.schedules.verify import verify
-from luvc.zoo import build_model
 
 
 class NoParams(BaseModel):

@@ -7,6 +7,7 @@ import torch
 from conftest import generate, greedy_without_cache
 
 import luvc
+from luvc.examples import build_model, model_config, vlm_inputs
 from luvc.models import find_adapter
 from luvc.models.llava import CLIPLayerNode
 from luvc.registry import get_registry
@@ -16,7 +17,6 @@ from luvc.state import LLMState, VisionState
 from luvc.transforms.dart import duplication_scores
 from luvc.transforms.tome import bipartite_pairs
 from luvc.transforms.visionzip import zip_frame
-from luvc.zoo import build_model, model_config, vlm_inputs
 
 
 def _schedule(site: str, transform: str, at, **params) -> dict:

@@ -1,0 +1,48 @@
+"""What the adapters' example inputs share: token ids, padding, and a fixed-size tower's pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+#: Placeholder and delimiter ids the example configs use.
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
+
+
+def padded(rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token rows, left-padded with id 0."""
+    width = max(len(r) for r in rows)
+    return {"input_ids": torch.tensor([[0] * (width - len(r)) + list(r) for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+
+
+def square_pixels(image: np.ndarray, side: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """An image resized (bicubic) to ``side x side`` and normalised, ``[3, side, side]``: what a
+    fixed-size tower's processor makes of it."""
+    from PIL import Image
+
+    resized = np.array(Image.fromarray(image).convert("RGB").resize((side, side), Image.BICUBIC))
+    m, s = (torch.tensor(v)[:, None, None] for v in (mean, std))
+    return (torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - m) / s
+
+
+def fixed_grid_inputs(images, prompts, config, mean: Sequence[float], std: Sequence[float],
+                      wrap: tuple[list[int], list[int]] = ([], [])) -> dict:
+    """Inputs for a tower of one fixed square size (LLaVA-1.5, InternVL, one tile per image): each image
+    resized and normalised into ``pixel_values`` ``[images, 3, side, side]``, and ``image_seq_length``
+    placeholders per image (between ``wrap``'s tokens) before the sample's prompt."""
+    side = config.vision_config.image_size
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    pixels, rows = [], []
+    for sample, prompt in zip(images or [[] for _ in prompts], prompts):
+        row = [1]
+        for image in sample:
+            pixels.append(square_pixels(image, side, mean, std))
+            row += [*wrap[0], *[config.image_token_id] * config.image_seq_length, *wrap[1]]
+        rows.append(row + list(prompt))
+    out = padded(rows)
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)
+    return out
