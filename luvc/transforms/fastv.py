@@ -15,22 +15,12 @@ FlashAttention with no eager attention and at O(S) extra cost.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from luvc.registry import TransformSpec, hookimpl
-from luvc.transforms.selection import keep_most_attended, pruning_spec
-
-
-class FastVParams(BaseModel):
-    """Parameters of a FastV cut."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    keep: float = Field(0.5, ge=0.0, le=1.0, description="fraction of arriving visual tokens kept (FastV: 1 - R)")
+from luvc.transforms.selection import KeepParams, keep_most_attended, pruning_spec
 
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
     return [pruning_spec(
-        "fastv", FastVParams, keep_most_attended, needs_layer=True,
+        "fastv", KeepParams, keep_most_attended, needs_layer=True,
         summary="FastV: keep the visual tokens the last token attends to most (rows recomputed, any kernel)")]

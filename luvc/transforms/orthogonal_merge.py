@@ -148,15 +148,6 @@ def _bind(params: OIMParams, occurrence: int) -> OIMParams:
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="orthogonal_merge",
-            site="vision",
-            params=OIMParams,
-            run=orthogonal_merge,
-            plan=plan_grid,
-            bind=_bind,
-            needs_keys=lambda params: params.metric == "keys",
-            summary="OIM: merge neighbouring units along rows, then columns, keeping each image a grid",
-        )
-    ]
+    return [TransformSpec("orthogonal_merge", "vision", OIMParams, orthogonal_merge, plan_grid, bind=_bind,
+                          needs_keys=lambda params: params.metric == "keys",
+                          summary="OIM: merge neighbouring units along rows, then columns, keeping each image a grid")]

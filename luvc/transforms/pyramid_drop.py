@@ -16,22 +16,12 @@ this matches every other luvc transform and keeps M-RoPE grids intact.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from luvc.registry import TransformSpec, hookimpl
-from luvc.transforms.selection import keep_most_attended, pruning_spec
-
-
-class PyramidDropParams(BaseModel):
-    """Parameters of one PyramidDrop stage boundary."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    keep: float = Field(0.5, ge=0.0, le=1.0, description="lambda: fraction of arriving visual tokens each stage keeps")
+from luvc.transforms.selection import KeepParams, keep_most_attended, pruning_spec
 
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
     return [pruning_spec(
-        "pyramid_drop", PyramidDropParams, keep_most_attended, needs_layer=True,
+        "pyramid_drop", KeepParams, keep_most_attended, needs_layer=True,
         summary="PyramidDrop: keep lambda of the visual tokens at each stage boundary, by last-token attention")]

@@ -4,8 +4,9 @@ A pruning transform only says how it scores tokens; the count rule
 (``round(keep * n)`` of each sample's ``n`` visual tokens), the order (kept
 tokens keep their order), text (never dropped) and positions (never
 renumbered) are the same for all of them and live here, and so does the
-spec those rules make (``pruning_spec``) and the ranking FastV and
-PyramidDrop share (attention from the last token, ``keep_most_attended``).
+spec those rules make (``pruning_spec``), and what FastV and PyramidDrop
+share: their one parameter (``KeepParams``) and their ranking (attention
+from the last token, ``keep_most_attended``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from luvc.registry import AttentionProbe, TransformSpec
 from luvc.state import LLMState, compact, round_half_up
+
+
+class KeepParams(BaseModel):
+    """Parameters of a cut that keeps a fraction of the arriving visual tokens (FastV, a PyramidDrop stage)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep: float = Field(0.5, ge=0.0, le=1.0, description="fraction of arriving visual tokens kept (FastV's 1 - R; "
+                                                          "PyramidDrop's lambda at each stage)")
 
 
 def keep_count(keep: float, n: int) -> int:

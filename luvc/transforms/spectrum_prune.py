@@ -145,18 +145,12 @@ def spectrum_prune(state: LLMState, params: SPUParams) -> LLMState:
     return prune_visual(state, params.keep, lambda visual: spu_scores(state.hidden, visual, params, state.grid))
 
 
+def _requires(params: SPUParams) -> dict[str, str]:
+    return {"llm_grid": "use axis: hidden, which scores each token on its own"} if params.axis == "grid" else {}
+
+
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="spectrum_prune",
-            site="llm",
-            params=SPUParams,
-            run=spectrum_prune,
-            plan=plan_count,
-            eliminates=lambda params: params.keep == 0.0,
-            requires=lambda params: {"llm_grid": "use axis: hidden, which scores each token on its own"}
-            if params.axis == "grid" else {},
-            summary="SPU: keep the visual tokens with the most low-frequency energy (attention-free)",
-        )
-    ]
+    return [TransformSpec("spectrum_prune", "llm", SPUParams, spectrum_prune, plan_count, requires=_requires,
+                          eliminates=lambda params: params.keep == 0.0,
+                          summary="SPU: keep the visual tokens with the most low-frequency energy (attention-free)")]

@@ -84,14 +84,6 @@ def tome(state: VisionState, params: ToMeParams) -> VisionState:
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="tome",
-            site="vision",
-            params=ToMeParams,
-            run=tome,
-            plan=plan_grid,
-            needs_keys=lambda params: True,
-            summary="ToMe: bipartite soft matching merges of whole units between vision blocks, size-weighted",
-        )
-    ]
+    return [TransformSpec("tome", "vision", ToMeParams, tome, plan_grid, needs_keys=lambda params: True,
+                          summary="ToMe: bipartite soft matching merges of whole units between vision blocks, "
+                                  "size-weighted")]

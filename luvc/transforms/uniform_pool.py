@@ -59,13 +59,5 @@ def uniform_pool(state: VisionState, params: PoolParams) -> VisionState:
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="uniform_pool",
-            site="vision",
-            params=PoolParams,
-            run=uniform_pool,
-            plan=plan_grid,
-            summary="control: 2-D average pooling of each image's unit grid (size-weighted)",
-        )
-    ]
+    return [TransformSpec("uniform_pool", "vision", PoolParams, uniform_pool, plan_grid,
+                          summary="control: 2-D average pooling of each image's unit grid (size-weighted)")]

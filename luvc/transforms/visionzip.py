@@ -110,14 +110,6 @@ def visionzip(state: VisionState, params: VisionZipParams) -> VisionState:
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="visionzip",
-            site="vision",
-            params=VisionZipParams,
-            run=visionzip,
-            plan=plan_grid,
-            needs_layer=True,
-            summary="VisionZip: dominant units by encoder attention plus merged contextual units (vision exit)",
-        )
-    ]
+    return [TransformSpec("visionzip", "vision", VisionZipParams, visionzip, plan_grid, needs_layer=True,
+                          summary="VisionZip: dominant units by encoder attention plus merged contextual units "
+                                  "(vision exit)")]

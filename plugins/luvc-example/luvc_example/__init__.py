@@ -43,14 +43,6 @@ def stride_pool(state: LLMState, params: StridePoolParams) -> LLMState:
 
 @hookimpl
 def luvc_transforms() -> list[TransformSpec]:
-    return [
-        TransformSpec(
-            name="stride_pool",
-            site="llm",
-            params=StridePoolParams,
-            run=stride_pool,
-            plan=lambda params, n: math.ceil(n / params.stride),
-            eliminates=lambda params: False,
-            summary="average each run of `stride` visual tokens into one (example plugin)",
-        )
-    ]
+    return [TransformSpec("stride_pool", "llm", StridePoolParams, stride_pool,
+                          plan=lambda params, n: math.ceil(n / params.stride), eliminates=lambda params: False,
+                          summary="average each run of `stride` visual tokens into one (example plugin)")]
