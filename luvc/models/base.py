@@ -21,8 +21,8 @@ class FamilyAdapter:
 
     A family sets ``name``, ``architectures``, ``model_class`` (what ``matches``
     checks), ``compiled_mixin`` (the compiled inner forward) and, where merged
-    tokens reach the tower's attention, ``sized_attention``; it builds its
-    ``vision_nodes`` and names the ``vision_attention`` modules to swap.
+    tokens reach the tower's attention, ``sized_attention``; it names its
+    ``vision_blocks`` and makes a ``block_node`` of each and its ``projector_node``.
     """
 
     name: str
@@ -32,6 +32,8 @@ class FamilyAdapter:
     compiled_mixin: type
     #: the class each of ``vision_attention`` becomes while compiled (``object``: none is swapped)
     sized_attention: type = object
+    #: the attribute of a vision block that holds its attention module
+    attention_attr = "self_attn"
     #: named example sizes (``luvc.examples``): ``text`` and ``vision`` config keywords, plus family extras.
     #: The first is the family's tiny model, on which the family-parametrised tests run.
     examples: dict[str, dict] = {}
@@ -49,9 +51,22 @@ class FamilyAdapter:
         check_attention(self.language_model(model).config)
         check_attention(self.vision_tower(model).config)
 
+    def vision_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The vision blocks that run, in order (up to the feature layer the projector reads)."""
+        raise NotImplementedError
+
+    def block_node(self, model: nn.Module, index: int) -> StackNode:
+        """The stack node that runs vision block ``index`` on a token state."""
+        raise NotImplementedError
+
+    def projector_node(self, model: nn.Module) -> tuple[str, StackNode]:
+        """The named node that takes the tower's tokens into the LLM's width."""
+        raise NotImplementedError
+
     def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
         """The vision blocks (``vision.blocks.<i>``) and the projector, in running order."""
-        raise NotImplementedError
+        blocks = range(len(self.vision_blocks(model)))
+        return [(f"vision.blocks.{i}", self.block_node(model, i)) for i in blocks] + [self.projector_node(model)]
 
     def llm_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
         """Every decoder layer (``llm.layers.<i>``), then the final norm (``llm.norm``)."""
@@ -65,7 +80,9 @@ class FamilyAdapter:
 
     def vision_attention(self, model: nn.Module) -> list[nn.Module]:
         """The vision attention modules that become ``sized_attention`` while compiled."""
-        return []
+        if self.sized_attention is object:
+            return []
+        return [getattr(block, self.attention_attr) for block in self.vision_blocks(model)]
 
     def install(self, model: nn.Module, graph: nn.Module) -> dict:
         return install_compiled(model, graph, self.compiled_mixin, self.vision_attention(model),

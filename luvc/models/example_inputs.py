@@ -1,4 +1,4 @@
-"""What the adapters' example inputs share: token ids, padding, and a fixed-size tower's pixels."""
+"""What the adapters' examples share: tiny sizes, token ids, padding, and a fixed-size tower's pixels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ import torch
 
 #: Placeholder and delimiter ids the example configs use.
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 500, 501, 502, 503
+#: The LLM of the tiny examples: 4 decoder layers, width 64 (a family adds its own keys).
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2)
+
+
+def tiny_tower(**changes) -> dict:
+    """A ViT-style tower's config keywords at the tiny width (4 blocks, 224 px, 14 px patches), with ``changes``."""
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=224,
+                patch_size=14) | changes
 
 
 def padded(rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:

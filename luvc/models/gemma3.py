@@ -33,7 +33,7 @@ from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Tex
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.base import FamilyAdapter
-from luvc.models.example_inputs import IMAGE_TOKEN, VISION_END, VISION_START, fixed_grid_inputs
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VISION_END, VISION_START, fixed_grid_inputs, tiny_tower
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
@@ -82,6 +82,11 @@ class CompiledGemma3Model(CompiledLlavaModel):
         return super()._luvc_prefill(input_ids, inputs_embeds, attention_mask, position_ids, encoded, cache, kwargs)
 
 
+#: The tiny examples' Gemma 3 LLM: alternating sliding-window and global layers, a window short enough to
+#: cut inside a prompt.
+_TEXT = TINY_TEXT | dict(head_dim=16, sliding_window=48, sliding_window_pattern=2, query_pre_attn_scalar=16)
+
+
 class Gemma3Adapter(FamilyAdapter):
     """Adapter for ``Gemma3ForConditionalGeneration`` (SigLIP, pooled soft tokens, Gemma 3 LLM)."""
 
@@ -103,12 +108,15 @@ class Gemma3Adapter(FamilyAdapter):
                                "(use_bidirectional_attention=False)")
         check_attention(model.model.vision_tower.config)
 
-    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower = model.model.vision_tower
-        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
-                                              for i, layer in enumerate(tower.encoder.layers)]
-        projector = PooledProjectorNode(tower.post_layernorm, model.model.multi_modal_projector)
-        return nodes + [("vision.projector", projector)]
+    def vision_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.model.vision_tower.encoder.layers
+
+    def block_node(self, model: nn.Module, index: int) -> StackNode:
+        return CLIPLayerNode(self.vision_blocks(model)[index], index)
+
+    def projector_node(self, model: nn.Module) -> tuple[str, StackNode]:
+        norm = model.model.vision_tower.post_layernorm
+        return "vision.projector", PooledProjectorNode(norm, model.model.multi_modal_projector)
 
     def llm_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
         """Sliding-window and global layers, each with its own window and rotary table."""
@@ -121,8 +129,6 @@ class Gemma3Adapter(FamilyAdapter):
             nodes.append((f"llm.layers.{i}", DecoderLayerNode(layer, i, rotary, window, rope_key=f"rope:{kind}")))
         return nodes + [("llm.norm", FinalNormNode(lm.norm))]
 
-    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.self_attn for layer in model.model.vision_tower.encoder.layers]
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         n = int(model.config.mm_tokens_per_image ** 0.5)
@@ -133,20 +139,14 @@ class Gemma3Adapter(FamilyAdapter):
         # SigLIP patches average-pooled 4 x 4 into soft tokens (as the released models do), a Gemma 3 LLM
         # alternating sliding-window and global layers; the window is short enough to cut inside a prompt.
         "gemma3-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, sliding_window=48, sliding_window_pattern=2,
-                      query_pre_attn_scalar=16),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=224, patch_size=7),
+            text=_TEXT,
+            vision=tiny_tower(patch_size=7),
             tokens_per_image=64,
         ),
         # The released geometry at the tiny width: 896 px, 64 x 64 patches pooled to 256 soft tokens.
         "gemma3-896-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, sliding_window=48, sliding_window_pattern=2,
-                      query_pre_attn_scalar=16),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=896, patch_size=14),
+            text=_TEXT,
+            vision=tiny_tower(image_size=896),
             tokens_per_image=256,
         ),
     }

@@ -26,7 +26,7 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefi
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.base import FamilyAdapter
-from luvc.models.example_inputs import IMAGE_TOKEN, fixed_grid_inputs
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
@@ -80,15 +80,15 @@ class Idefics3Adapter(FamilyAdapter):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.vision_model
 
-    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower = model.model.vision_model
-        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
-                                              for i, layer in enumerate(tower.encoder.layers)]
-        projector = PixelShuffleProjectorNode(tower.post_layernorm, model.model.connector.modality_projection)
-        return nodes + [("vision.projector", projector)]
+    def vision_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.model.vision_model.encoder.layers
 
-    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.self_attn for layer in model.model.vision_model.encoder.layers]
+    def block_node(self, model: nn.Module, index: int) -> StackNode:
+        return CLIPLayerNode(self.vision_blocks(model)[index], index)
+
+    def projector_node(self, model: nn.Module) -> tuple[str, StackNode]:
+        norm, projection = model.model.vision_model.post_layernorm, model.model.connector.modality_projection
+        return "vision.projector", PixelShuffleProjectorNode(norm, projection)
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         cfg = model.config
@@ -97,19 +97,9 @@ class Idefics3Adapter(FamilyAdapter):
 
     examples = {
         # SigLIP without a class token, pixel-shuffle connector, Llama LLM.
-        "idefics3-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=224, patch_size=14),
-        ),
+        "idefics3-tiny": dict(text=TINY_TEXT, vision=tiny_tower()),
         # Idefics3-8B's tile geometry at the tiny width: 169 tokens per tile.
-        "idefics3-364-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=364, patch_size=14),
-        ),
+        "idefics3-364-tiny": dict(text=TINY_TEXT, vision=tiny_tower(image_size=364)),
     }
 
     def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):

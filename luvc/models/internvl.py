@@ -28,7 +28,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration, Inter
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.base import FamilyAdapter
-from luvc.models.example_inputs import IMAGE_TOKEN, fixed_grid_inputs
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import vision_output
@@ -145,12 +145,15 @@ class InternVLAdapter(FamilyAdapter):
             raise CompileError(f"luvc's InternVL adapter supports downsample_ratio 0.5, not {cfg.downsample_ratio}")
         super().check(model)
 
-    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        tower = model.model.vision_tower
-        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", InternViTLayerNode(layer, i))
-                                              for i, layer in enumerate(tower.encoder.layer)]
-        projector = PixelShuffleProjectorNode(tower.layernorm, model.model.multi_modal_projector)
-        return nodes + [("vision.projector", projector)]
+    def vision_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.model.vision_tower.encoder.layer
+
+    def block_node(self, model: nn.Module, index: int) -> StackNode:
+        return InternViTLayerNode(self.vision_blocks(model)[index], index)
+
+    def projector_node(self, model: nn.Module) -> tuple[str, StackNode]:
+        layernorm = model.model.vision_tower.layernorm
+        return "vision.projector", PixelShuffleProjectorNode(layernorm, model.model.multi_modal_projector)
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         cfg = model.config.vision_config
@@ -159,19 +162,9 @@ class InternVLAdapter(FamilyAdapter):
 
     examples = {
         # InternViT with a class token and absolute positions, pixel-shuffle projector, Qwen2 LLM.
-        "internvl-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=224, patch_size=14),
-        ),
+        "internvl-tiny": dict(text=TINY_TEXT, vision=tiny_tower()),
         # InternVL's tile geometry at the tiny width: 256 tokens per tile.
-        "internvl-448-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=448, patch_size=14),
-        ),
+        "internvl-448-tiny": dict(text=TINY_TEXT, vision=tiny_tower(image_size=448)),
     }
 
     def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):

@@ -25,7 +25,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.base import FamilyAdapter
-from luvc.models.example_inputs import IMAGE_TOKEN, fixed_grid_inputs
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import CompiledVLM, vision_output
 from luvc.runtime.hf import LlavaModelOutputWithPast
@@ -161,14 +161,14 @@ class LlavaAdapter(FamilyAdapter):
         index = model.config.vision_feature_layer
         return index if index >= 0 else layers + 1 + index
 
-    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        layers = model.model.vision_tower.encoder.layers[: self._used_layers(model)]
-        nodes: list[tuple[str, StackNode]] = [(f"vision.blocks.{i}", CLIPLayerNode(layer, i))
-                                              for i, layer in enumerate(layers)]
-        return nodes + [("vision.projector", ProjectorNode(model.model.multi_modal_projector))]
+    def vision_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.model.vision_tower.encoder.layers[: self._used_layers(model)]
 
-    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.self_attn for layer in model.model.vision_tower.encoder.layers[: self._used_layers(model)]]
+    def block_node(self, model: nn.Module, index: int) -> StackNode:
+        return CLIPLayerNode(self.vision_blocks(model)[index], index)
+
+    def projector_node(self, model: nn.Module) -> tuple[str, StackNode]:
+        return "vision.projector", ProjectorNode(model.model.multi_modal_projector)
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1):
         cfg = model.config.vision_config
@@ -177,19 +177,9 @@ class LlavaAdapter(FamilyAdapter):
 
     examples = {
         # CLIP ViT with a class token (fixed grid), MLP projector, Llama LLM with 1-D rotary.
-        "llava-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
-                        image_size=224, patch_size=14),
-        ),
+        "llava-tiny": dict(text=TINY_TEXT, vision=tiny_tower(num_hidden_layers=5)),
         # LLaVA-1.5's geometry at the tiny width: 576 tokens per image.
-        "llava-336-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4,
-                        image_size=336, patch_size=14),
-        ),
+        "llava-336-tiny": dict(text=TINY_TEXT, vision=tiny_tower(num_hidden_layers=5, image_size=336)),
         "llava-1.5-7b": dict(
             text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32064),

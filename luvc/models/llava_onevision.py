@@ -35,7 +35,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from luvc.models.example_inputs import IMAGE_TOKEN, VIDEO_TOKEN, padded, square_pixels
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VIDEO_TOKEN, padded, square_pixels, tiny_tower
 from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import vision_output
@@ -151,18 +151,14 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         # SigLIP on a base tile plus any-resolution tiles (8 x 8 patches each here), newline tokens after each
         # row of the stitched tiles, video frames pooled 2 x 2; a Qwen2 LLM.
         "llava-onevision-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=112, patch_size=14),
+            text=TINY_TEXT,
+            vision=tiny_tower(image_size=112),
             pinpoints=[[112, 112], [112, 224], [224, 112], [224, 224], [112, 336], [336, 112]],
         ),
         # SigLIP-384 tiles (729 tokens) and the released pinpoints, at the tiny width.
         "llava-onevision-384-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2),
-            vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        image_size=384, patch_size=14),
+            text=TINY_TEXT,
+            vision=tiny_tower(image_size=384),
             pinpoints=[[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
         ),
     }

@@ -20,7 +20,15 @@ from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from luvc.fx.nodes import StackNode
-from luvc.models.qwen2_vl import CompiledQwen2VLModel, Qwen2VLAdapter, VisionBlockNode, _cumulative
+from luvc.models.example_inputs import TINY_TEXT
+from luvc.models.qwen2_vl import (
+    QWEN_7B_TEXT,
+    CompiledQwen2VLModel,
+    Qwen2VLAdapter,
+    VisionBlockNode,
+    _cumulative,
+    mrope,
+)
 from luvc.registry import hookimpl
 from luvc.runtime.hf import get_vision_window_index
 from luvc.state import LedgerRow, VisionState
@@ -71,23 +79,19 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     examples = {
         # Windowed vision attention (window 112 px) with full attention in a few blocks.
         "qwen2.5-vl-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                              "rope_theta": 10000.0}),
+            text=TINY_TEXT | mrope([2, 3, 3], 1e4),
             vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, window_size=112,
                         fullatt_block_indexes=[1, 3], tokens_per_second=2),
         ),
         "qwen2.5-vl-7b": dict(
-            text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                      num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                                              "rope_theta": 1000000.0}, vocab_size=152064,
-                      tie_word_embeddings=False),
+            text=QWEN_7B_TEXT,
             vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
                         fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
         ),
     }
 
-    def vision_block_node(self, visual: nn.Module, index: int) -> StackNode:
+    def block_node(self, model: nn.Module, index: int) -> StackNode:
+        visual = model.model.visual
         if index in visual.fullatt_block_indexes:
             return VisionBlockNode(visual.blocks[index], index, visual)
         return WindowedVisionBlockNode(visual.blocks[index], index, visual)

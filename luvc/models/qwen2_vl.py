@@ -26,7 +26,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VL
 
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.base import FamilyAdapter
-from luvc.models.example_inputs import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, padded
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VIDEO_TOKEN, VISION_END, VISION_START, padded
 from luvc.registry import hookimpl
 from luvc.runtime import hf
 from luvc.runtime.compiled import CompiledVLM, vision_output
@@ -109,6 +109,17 @@ class VisionProjectNode(StackNode):
         )
 
 
+def mrope(sections: list[int], theta: float) -> dict:
+    """Config keywords of M-RoPE with ``sections`` (temporal, height, width) of the rotary half-dimension."""
+    return {"rope_parameters": {"rope_type": "default", "mrope_section": sections, "rope_theta": theta}}
+
+
+#: The released Qwen2-VL towers (2B and 7B alike), and the 7B LLM, which Qwen2.5-VL-7B shares.
+_RELEASED_TOWER = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4)
+QWEN_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False) | mrope([16, 24, 24], 1e6)
+
+
 class Qwen2VLAdapter(FamilyAdapter):
     """Adapter for ``Qwen2VLForConditionalGeneration``."""
 
@@ -118,20 +129,19 @@ class Qwen2VLAdapter(FamilyAdapter):
     model_class: type = Qwen2VLForConditionalGeneration
     compiled_mixin: type  # set below: CompiledQwen2VLModel
     sized_attention = SizedVisionAttention
+    attention_attr = "attn"
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.visual
 
-    def vision_block_node(self, visual: nn.Module, index: int) -> StackNode:
-        return VisionBlockNode(visual.blocks[index], index, visual)
+    def vision_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return model.model.visual.blocks
 
-    def vision_nodes(self, model: nn.Module) -> list[tuple[str, StackNode]]:
-        visual = model.model.visual
-        nodes = [(f"vision.blocks.{i}", self.vision_block_node(visual, i)) for i in range(len(visual.blocks))]
-        return nodes + [("vision.merger", VisionProjectNode(visual.merger))]
+    def block_node(self, model: nn.Module, index: int) -> StackNode:
+        return VisionBlockNode(model.model.visual.blocks[index], index, model.model.visual)
 
-    def vision_attention(self, model: nn.Module) -> list[nn.Module]:
-        return [block.attn for block in model.model.visual.blocks]
+    def projector_node(self, model: nn.Module) -> tuple[str, StackNode]:
+        return "vision.merger", VisionProjectNode(model.model.visual.merger)
 
     def input_grid(self, model: nn.Module, height: int, width: int, frames: int = 1,
                    max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[tuple[int, int, int], int]:
@@ -152,34 +162,21 @@ class Qwen2VLAdapter(FamilyAdapter):
     config_class: type = Qwen2VLConfig
     examples = {
         # Small enough for property tests: 4 vision blocks, 4 decoder layers.
-        "qwen2-vl-tiny": dict(
-            text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                              "rope_theta": 10000.0}),
-            vision=dict(depth=4, embed_dim=32, num_heads=4, mlp_ratio=2),
-        ),
+        "qwen2-vl-tiny": dict(text=TINY_TEXT | mrope([2, 3, 3], 1e4),
+                              vision=dict(depth=4, embed_dim=32, num_heads=4, mlp_ratio=2)),
         # The demo's model: Qwen2-VL-2B's shape ratios at a size a laptop CPU runs in seconds.
         "qwen2-vl-demo": dict(
             text=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6,
-                      num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12],
-                                                              "rope_theta": 1000000.0}),
+                      num_key_value_heads=2) | mrope([8, 12, 12], 1e6),
             vision=dict(depth=8, embed_dim=256, num_heads=4, mlp_ratio=4),
         ),
         # Real dimensions of Qwen2-VL-2B-Instruct and Qwen2-VL-7B-Instruct (their config.json), for speed runs.
         "qwen2-vl-2b": dict(
             text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                      num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                                              "rope_theta": 1000000.0}, vocab_size=151936,
-                      tie_word_embeddings=True),
-            vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+                      num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True) | mrope([16, 24, 24], 1e6),
+            vision=_RELEASED_TOWER,
         ),
-        "qwen2-vl-7b": dict(
-            text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                      num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                                              "rope_theta": 1000000.0}, vocab_size=152064,
-                      tie_word_embeddings=False),
-            vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
-        ),
+        "qwen2-vl-7b": dict(text=QWEN_7B_TEXT, vision=_RELEASED_TOWER),
     }
 
     def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
