@@ -68,13 +68,7 @@ def plots(results: list[Measurement], out: Path) -> list[Path]:
             axes[1].plot([m.size for m in rows], [m.ttft_s for m in rows], marker="o", label=name)
         axes[0].set(xlabel="image side (px)", ylabel="prefill TFLOPs (vision + LLM)", title="FLOPs vs resolution")
         axes[1].set(xlabel="image side (px)", ylabel="time to first token (s)", title="TTFT vs resolution")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        paths.append(out / "cost-vs-resolution.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, axes, out / "cost-vs-resolution.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(m.schedule for m in results):
         rows = [m for m in results if m.schedule == name]
@@ -82,13 +76,19 @@ def plots(results: list[Measurement], out: Path) -> list[Path]:
                    label=name)
     ax.set(xlabel="mean visual tokens per LLM layer (fraction of identity)", ylabel="LLM prefill speedup (x)",
            title="Speedup vs visual tokens kept")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out / "speedup-vs-tokens.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, [ax], out / "speedup-vs-tokens.png"))
     return paths
+
+
+def _save(fig, axes, path: Path) -> Path:
+    """Grid and legend on every axis, then the figure written to ``path`` and closed."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write(report: dict, results: list[Measurement], out: Path, title: str) -> list[Path]:
