@@ -136,6 +136,29 @@ def compact(state: LLMState, keep: Tensor) -> LLMState:
     )
 
 
+def to_device(state: VisionState | LLMState, device: torch.device) -> VisionState | LLMState:
+    """``state`` with every tensor it carries (fields and scratch) on ``device``; ``state`` itself when they
+    all are. A block of a model split across devices runs where its weights are, and what a transform
+    combines with its output must be there too. The KV cache stays where each layer put it."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name not in ("cache", "log")}
+    elsewhere: list[Tensor] = []
+    map_tensors(fields, lambda t: elsewhere.append(t) if t.device != device else None)
+    if not elsewhere:
+        return state
+    return dataclasses.replace(state, **map_tensors(fields, lambda t: t.to(device)))
+
+
+def map_tensors(value, fn):
+    """``value`` with ``fn`` applied to each tensor in it, through lists, tuples and dicts."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(item, fn) for item in value)
+    if isinstance(value, dict):
+        return {key: map_tensors(item, fn) for key, item in value.items()}
+    return value
+
+
 def round_half_up(x: float) -> int:
     """``round`` without banker's rounding, so keep counts are predictable."""
     return int(x + 0.5)

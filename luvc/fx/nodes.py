@@ -9,7 +9,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from luvc.registry.spec import TransformSpec
-from luvc.state import LedgerRow
+from luvc.runtime import hf
+from luvc.state import LedgerRow, to_device
 
 
 class StackNode(nn.Module):
@@ -23,6 +24,22 @@ class StackNode(nn.Module):
     site: str = ""
     kind: str = "block"
     index: int | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(_place_state)
+
+    def placed_by(self) -> nn.Module | None:
+        """The model module whose device this node runs on: its block (None: wherever the state is)."""
+        return getattr(self, "block", None)
+
+
+def _place_state(node: StackNode, args: tuple) -> tuple:
+    """Move the state a node is called on to the device its ``placed_by`` module computes on (a model split
+    across devices by accelerate runs each block where its weights are)."""
+    module = node.placed_by()
+    device = None if module is None else hf.execution_device(module)
+    return args if device is None else (to_device(args[0], device), *args[1:])
 
 
 @contextlib.contextmanager
@@ -53,6 +70,10 @@ class TransformNode(StackNode):
         self.site = spec.site
         self.label = label
         self.layer = [layer]  # a list keeps the next block out of this node's children
+
+    def placed_by(self) -> nn.Module | None:
+        """The layer the transform reads (it computes with that layer's weights), else none."""
+        return self.layer[0]
 
     def forward(self, state):
         if self.spec.needs_layer and self.site == "llm":

@@ -51,7 +51,9 @@ class PooledProjectorNode(PixelShuffleProjectorNode):
     def _project(self, hidden: Tensor, images: int, unit: int) -> Tensor:
         pooled = hidden.view(-1, unit, hidden.shape[-1]).mean(dim=1)
         projector = self.block
-        return torch.matmul(projector.mm_soft_emb_norm(pooled), projector.mm_input_projection_weight).type_as(hidden)
+        normed = projector.mm_soft_emb_norm(pooled)
+        with hf.direct_weights(projector):
+            return torch.matmul(normed, projector.mm_input_projection_weight).type_as(hidden)
 
 
 class CompiledGemma3Model(CompiledLlavaModel):

@@ -31,6 +31,7 @@ from luvc.models.base import FamilyAdapter
 from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
+from luvc.runtime import hf
 from luvc.runtime.compiled import vision_output
 from luvc.runtime.hf import InternVLModelOutputWithPast
 from luvc.runtime.sized_attention import batched_sized_attention
@@ -62,10 +63,12 @@ class InternViTLayerNode(CLIPLayerNode):
         q, k, v = attn.q_norm(attn.q_proj(h)), attn.k_norm(attn.k_proj(h)), attn.v_proj(h)
         shape = (*x.shape[:2], attn.num_heads, attn.head_dim)
         out = batched_sized_attention(attn, q.view(shape), k.view(shape), v.view(shape), sizes, attn.scale)
-        h = layer.lambda_1 * attn.projection_layer(out) + x
-        y = layer.mlp(layer.layernorm_after(h))
-        if layer.lambda_2 is not None:
-            y = layer.lambda_2 * y
+        h = attn.projection_layer(out)
+        with hf.direct_weights(layer):  # the layer scales are its own parameters
+            h = layer.lambda_1 * h + x
+            y = layer.mlp(layer.layernorm_after(h))
+            if layer.lambda_2 is not None:
+                y = layer.lambda_2 * y
         return y + h
 
 

@@ -18,11 +18,25 @@ from luvc.errors import CompileError
 from luvc.runtime import hf
 from luvc.runtime.hf import BaseModelOutputWithPast, BaseModelOutputWithPooling, DynamicCache
 from luvc.runtime.llm import CacheRecord, placeholder_keep, right_align, scatter_to_caller
-from luvc.state import LLMState, VisionState
+from luvc.state import LLMState, VisionState, map_tensors
+
+
+class CompressedVisionOutput(BaseModelOutputWithPooling):
+    """A vision output whose ``luvc_*`` attributes survive a move to another device.
+
+    accelerate's hooks move a module's inputs and outputs with the object's own ``to``, or else rebuild a
+    mapping from its keys alone, which would drop the attributes that place compressed features (a
+    dispatched model's ``generate`` passes encoder outputs through such a hook).
+    """
+
+    def to(self, device, non_blocking: bool = False) -> CompressedVisionOutput:
+        moved = type(self)(**map_tensors(dict(self), lambda t: t.to(device, non_blocking=non_blocking)))
+        moved.__dict__.update({name: value for name, value in vars(self).items() if name.startswith("luvc_")})
+        return moved
 
 
 def vision_output(state: VisionState, source_counts: list[int], features: list[Tensor] | None = None,
-                  **extra) -> BaseModelOutputWithPooling:
+                  **extra) -> CompressedVisionOutput:
     """A Hugging Face vision output for compressed features, carrying what the LLM side needs.
 
     ``features`` are the tokens each item puts in the LLM's sequence (by
@@ -40,7 +54,7 @@ def vision_output(state: VisionState, source_counts: list[int], features: list[T
     if features is None:
         features = torch.split(state.hidden, split)
     counts = [len(f) for f in features]
-    out = BaseModelOutputWithPooling(last_hidden_state=state.hidden, pooler_output=features)
+    out = CompressedVisionOutput(last_hidden_state=state.hidden, pooler_output=features)
     out.luvc_source_counts = list(source_counts)
     out.luvc_counts = counts
     if sum(split) == len(state.sizes) and split == counts:
@@ -210,13 +224,13 @@ class CompiledVLM:
         for kind, out in encoded.items():
             features = torch.cat(list(out.pooler_output), dim=0).to(embeds.device, embeds.dtype)
             mask = ids == token_ids[kind]
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), features)
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1).to(embeds.device), features)
             visual |= mask
             if sizes is not None:
                 if getattr(out, "luvc_sizes", None) is None:
                     raise CompileError(f"proportional_llm_attention: this model's {kind} features are not its "
                                        "vision tokens one for one, so their sizes are unknown; set it to false")
-                sizes = sizes.masked_scatter(mask, torch.cat(list(out.luvc_sizes)).to(sizes.device))
+                sizes = sizes.masked_scatter(mask.to(sizes.device), torch.cat(list(out.luvc_sizes)).to(sizes.device))
         grid = llm_grid(ids, {token_ids[kind]: out for kind, out in encoded.items()}) \
             if self.__dict__.get("_luvc_llm_grid") else None
         positions = self._luvc_positions(ids, valid, encoded, position_ids, rebuilt, kwargs)
@@ -232,7 +246,7 @@ class CompiledVLM:
         batch, q = embeds.shape[:2]
         valid = attention_mask[:, -q:].bool() if attention_mask is not None else torch.ones(
             batch, q, dtype=torch.bool, device=embeds.device)
-        positions = record.next_position[:, None] + torch.arange(q, device=embeds.device)
+        positions = record.next_position[:, None].to(embeds.device) + torch.arange(q, device=embeds.device)
         record.next_position = record.next_position + q
         sizes = torch.ones(valid.shape, device=embeds.device) if record.key_sizes else None
         state = LLMState(embeds, valid, torch.zeros_like(valid), self._luvc_decode_positions(positions),
@@ -293,11 +307,13 @@ def install_compiled(model: nn.Module, graph: nn.Module, inner_mixin: type, atte
     from luvc.fx.passes import section
 
     inner = model.model
-    record = {"outer": type(model), "inner": type(inner), "attention": [(m, type(m)) for m in attention]}
-    for module in attention:
-        module.__class__ = swapped(type(module), attention_mixin)
-    inner.__class__ = swapped(type(inner), inner_mixin)
-    model.__class__ = swapped(type(model), ExpandingGeneration, prefix="")
+    swaps = [(module, swapped(type(module), attention_mixin)) for module in attention]
+    swaps += [(inner, swapped(type(inner), inner_mixin)), (model, swapped(type(model), ExpandingGeneration, prefix=""))]
+    record = {"classes": [(module, type(module)) for module, _ in swaps], "hooked": []}
+    for module, cls in swaps:
+        before = swap_class(module, cls)
+        if before is not None:
+            record["hooked"].append((module, before))
     inner.__dict__["_luvc_sections"] = (section(graph, "vision"), section(graph, "llm"))
     inner.__dict__["_luvc_llm_sizes"] = getattr(graph, "luvc_llm_sizes", False)
     inner.__dict__["_luvc_llm_grid"] = any(  # built only for a schedule that reads it: it costs every prefill
@@ -305,12 +321,21 @@ def install_compiled(model: nn.Module, graph: nn.Module, inner_mixin: type, atte
     return record
 
 
+def swap_class(module: nn.Module, cls: type):
+    """Make ``module`` a ``cls``, and an accelerate hook on it (a dispatched model's) call ``cls.forward``;
+    return the forward that hook called before, None if it has none."""
+    was = type(module)
+    module.__class__ = cls
+    return hf.follow_class(module, was)
+
+
 def uninstall_compiled(model: nn.Module, record: dict) -> None:
-    """Undo ``install_compiled`` exactly."""
-    model.__class__ = record["outer"]
-    model.model.__class__ = record["inner"]
-    for module, cls in record["attention"]:
-        module.__class__ = cls
+    """Undo ``install_compiled`` exactly: classes, and the forward each accelerate hook calls (a hook
+    attached after compile is kept, calling the original class's forward)."""
+    for module, cls in record["classes"]:
+        swap_class(module, cls)
+    for module, forward in record["hooked"]:
+        hf.restore_forward(module, forward)
     model.model.__dict__.pop("_luvc_sections", None)
     model.model.__dict__.pop("_luvc_llm_sizes", None)
     model.model.__dict__.pop("_luvc_llm_grid", None)

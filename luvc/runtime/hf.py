@@ -4,7 +4,9 @@ luvc reaches into transformers in places its public API does not cover: the
 attention implementation a config selected, a decoder layer's cache slot, the
 cache's per-layer storage, Qwen2-VL's cached rotary offsets, the keyword the
 KV cache travels under, generate's per-beam expansion of encoder outputs, and
-helpers and output classes that live only in ``transformers.models.<family>``.
+helpers and output classes that live only in ``transformers.models.<family>``;
+and in accelerate, the hook a dispatched module carries (``_hf_hook``) and the
+forward it calls (``_old_forward``).
 Every such access is a named function or constant here, so a transformers
 upgrade that moves one breaks this module (and ``tests/runtime/test_hf_seam.py``)
 instead of a scattered handful of call sites. Public top-level names
@@ -13,10 +15,14 @@ instead of a scattered handful of call sites. Public top-level names
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
 from torch import nn
@@ -49,9 +55,11 @@ __all__ = [
     "Gemma3ModelOutputWithPast", "Idefics3BaseModelOutputWithPast", "InternVLModelOutputWithPast",
     "LlavaModelOutputWithPast", "LlavaOnevisionModelOutputWithPast", "MultimodalExpansionHook", "MultimodalOutput",
     "QWEN_VISION_EAGER_ATTENTION", "QWEN_VISION_ROTARY", "attention_function", "attn_implementation",
-    "cache_layer_index", "full_attention_cache", "get_anyres_image_grid_shape", "get_vision_position_ids",
-    "get_vision_window_index", "image_size_to_num_patches", "is_flash_attention_requested", "reset_rope_deltas",
-    "rotary_function", "set_attn_implementation", "smart_resize", "unpad_image", "vision_rotary_function",
+    "cache_layer_index", "direct_weights", "execution_device", "follow_class", "full_attention_cache",
+    "get_anyres_image_grid_shape",
+    "get_vision_position_ids", "get_vision_window_index", "image_size_to_num_patches", "is_flash_attention_requested",
+    "reset_rope_deltas", "restore_forward", "rotary_function", "set_attn_implementation", "smart_resize", "unpad_image",
+    "vision_rotary_function",
 ]
 
 def smart_resize(height: int, width: int, factor: int, **bounds: int) -> tuple[int, int]:
@@ -138,3 +146,59 @@ class MultimodalExpansionHook:
 
     def luvc_expand_outputs(self, input_ids, mm_encoder_output: dict, expand_size: int) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def follow_class(module: nn.Module, was: type) -> Callable | None:
+    """Make the forward an accelerate hook calls on ``module`` its current class's, after its class changed from
+    ``was``; return the forward the hook called before (None: no hook, or it calls something else).
+
+    ``add_hook_to_module`` keeps the module's bound ``forward`` as ``_old_forward`` and calls that, so a
+    hooked module whose class is swapped would keep running ``was.forward``. ``forward`` itself is checked
+    too: ``remove_hook_from_module`` leaves ``_old_forward`` behind as the instance's ``forward``.
+    """
+    before = None
+    for name in ("_old_forward", "forward"):
+        bound = module.__dict__.get(name)
+        if getattr(bound, "__self__", None) is module and getattr(bound, "__func__", None) is was.forward:
+            module.__dict__[name] = types.MethodType(type(module).forward, module)
+            before = bound if name == "_old_forward" else before
+    return before
+
+
+def restore_forward(module: nn.Module, forward: Callable) -> None:
+    """Give an accelerate hook on ``module`` back the forward ``follow_class`` returned."""
+    module.__dict__["_old_forward"] = forward
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device ``module`` computes on: its accelerate hook's execution device (its weights may be offloaded,
+    on the meta device between calls), else that of its first parameter or buffer not on the meta device;
+    None when neither says (all offloaded, no hook)."""
+    hook = module.__dict__.get("_hf_hook")
+    for each in getattr(hook, "hooks", (hook,)):
+        device = getattr(each, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    for tensor in chain(module.parameters(), module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return None
+
+
+@contextlib.contextmanager
+def direct_weights(module: nn.Module) -> Iterator[None]:
+    """While active, ``module``'s own parameters hold their weights even if accelerate offloaded them.
+
+    An offloading hook loads a module's weights only around a call of that module; luvc code that reads a
+    parameter without calling its module (a projection weight, a layer scale) must load them itself, or it
+    would compute with the meta placeholders.
+    """
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        yield
+        return
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)

@@ -187,11 +187,51 @@ def test_is_flash_attention_requested_reads_the_config(impl, flash):
     assert hf.is_flash_attention_requested(config) is flash
 
 
-#: Private transformers names; only the seam may reach them.
+class _Doubled(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_follow_class_makes_an_accelerate_hook_call_the_new_class_and_restore_forward_undoes_it():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    layer = add_hook_to_module(torch.nn.Linear(2, 2), AlignDevicesHook(execution_device="cpu"))
+    x = torch.ones(1, 2)
+    plain = layer(x)
+    layer.__class__ = _Doubled
+    before = hf.follow_class(layer, torch.nn.Linear)
+    torch.testing.assert_close(layer(x), 2 * plain)
+    layer.__class__ = torch.nn.Linear
+    hf.follow_class(layer, _Doubled)
+    hf.restore_forward(layer, before)
+    assert layer._old_forward is before
+    torch.testing.assert_close(layer(x), plain)
+
+
+def test_follow_class_leaves_an_unhooked_module_alone():
+    layer = torch.nn.Linear(2, 2)
+    layer.__class__ = _Doubled
+    assert hf.follow_class(layer, torch.nn.Linear) is None
+    assert "forward" not in vars(layer)
+
+
+def test_execution_device_is_the_hooks_even_when_weights_are_offloaded():
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    layer = torch.nn.Linear(2, 2)
+    assert hf.execution_device(layer) == torch.device("cpu")
+    weights = dict(layer.state_dict())
+    add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", offload=True, weights_map=weights))
+    assert layer.weight.device.type == "meta"
+    assert hf.execution_device(layer) == torch.device("cpu")
+    assert hf.execution_device(torch.nn.Linear(2, 2, device="meta")) is None
+
+
+#: Private transformers and accelerate names; only the seam may reach them.
 PRIVATE = [
     r"\._attn_implementation\b", r"\.rope_deltas\b", r"\.layer_idx\b", r"cache\.layers\b", r"\bDynamicLayer\b",
     r"_expand_multimodal_outputs", r"\bALL_ATTENTION_FUNCTIONS\b", r"\bsys\.modules\b",
-    r"\bapply_rotary_pos_emb(_vision)?\b", r"\beager_attention_forward\b",
+    r"\bapply_rotary_pos_emb(_vision)?\b", r"\beager_attention_forward\b", r"\b_old_forward\b", r"\b_hf_hook\b",
 ]
 
 
