@@ -2,7 +2,7 @@
 
     python -m luvc.fidelity.train --out luvc/fidelity/checkpoint
 
-writes ``config.json``, ``model.safetensors``, the tokenizer and
+writes ``config.json``, ``model.safetensors``, the tokenizer, the processor files and
 ``training_log.jsonl`` (loss, validation accuracy per task) to ``--out``. The
 shipped checkpoint was made by ``luvc/fidelity/train-shipped-model.sh``: this
 command with its defaults, then three 1000-step continuations (``--init``) with
@@ -23,6 +23,7 @@ import torch
 import typer
 
 from luvc.fidelity.model import CHECKPOINT, PATCH, build_tokenizer, encode, load_model, new_model
+from luvc.fidelity.processor import save_processor
 from luvc.fidelity.tasks import PHOTO, REGIONS, TASKS, Item, items, region_group, task_of_question
 
 
@@ -414,6 +415,7 @@ def train(out: Path = typer.Option(CHECKPOINT, help="directory the checkpoint is
             row["val"] = {k: round(v, 3) for k, v in answer_accuracy(model, tokenizer, val).items()}
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
+            save_processor(out)
         log.write(json.dumps(row) + "\n")
         log.flush()
         if "val" in row or step % 10 == 0:
