@@ -7,6 +7,7 @@ import torch.fx as fx
 from luvc.errors import ScheduleError
 from luvc.fx.nodes import TransformNode
 from luvc.fx.trace import StackGraphModule, attach
+from luvc.registry.spec import AttentionProbe
 from luvc.schedules import Schedule
 from luvc.schedules.plan import STAGES, Plan
 
@@ -46,7 +47,8 @@ def insert_transforms(gm: StackGraphModule, plan: Plan) -> StackGraphModule:
 
     Raises:
         ValueError: ``plan`` was placed on other stacks than ``gm``'s.
-        ScheduleError: a transform that needs a vision block's attention has no block right before it.
+        ScheduleError: a transform that needs a vision block's attention has no block right before it, or one
+            that needs an LLM layer's attention runs before a layer without attention (linear attention).
     """
     if {stage: list(names) for stage, names in plan.nodes.items()} != _stack_names(gm):
         raise ValueError("the plan was placed on other stacks than this graph's; build it with plan_of(gm, ...)")
@@ -55,6 +57,13 @@ def insert_transforms(gm: StackGraphModule, plan: Plan) -> StackGraphModule:
         stage = step.stage
         before = blocks[stage][step.position] if step.position < len(blocks[stage]) else stack_exit(gm, stage)
         layer = gm.get_submodule(before.target) if step.spec.needs_layer and stage == "llm" else None
+        if layer is not None and step.position < len(blocks[stage]) and not isinstance(layer, AttentionProbe):
+            raise ScheduleError(
+                f"{step.transform} ranks tokens by the attention of the LLM layer it runs before, and layer "
+                f"{step.position} ({type(layer.block).__name__}, a linear-attention layer) has no attention to rank "
+                "tokens by",
+                source=plan.schedule.source, line=plan.schedule.line_of("llm", step.step_index, "at"),
+                key=f"llm[{step.step_index}].at", hint="place it before one of the model's full-attention layers")
         attach(gm, step.label, TransformNode(step.spec, step.params, step.label, layer))
         upstream = before.args[0]
         with gm.graph.inserting_before(before):

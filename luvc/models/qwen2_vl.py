@@ -180,7 +180,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     }
 
     def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        vision = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision)
+        vision = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision}
         vision[self._vision_out_key] = text["hidden_size"]
         if vision_layers is not None:
             vision["depth"] = vision_layers
@@ -197,7 +197,8 @@ class Qwen2VLAdapter(FamilyAdapter):
     def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
         """What the Qwen2-VL processor gives: each image or video wrapped in vision start/end tokens with
         one placeholder per LLM token, ``mm_token_type_ids``, pixel tensors and grids."""
-        processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=pixels)
+        processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=pixels,
+                                             patch_size=config.vision_config.patch_size)
         out: dict = {}
         rows: list[list[int]] = [[1] for _ in prompts]
         start, end = config.vision_start_token_id, config.vision_end_token_id
@@ -217,11 +218,17 @@ class Qwen2VLAdapter(FamilyAdapter):
                                      for (_, v), f in zip(items, frames)])
                 out["video_grid_thw"] = grid
             for (i, _), g in zip(items, grid.tolist()):
-                rows[i] += [start] + [token] * (g[0] * g[1] * g[2] // 4) + [end]
+                rows[i] += self._placeholder_run(kind, g, token, start, end)
         out.update(padded([row + list(prompt) for row, prompt in zip(rows, prompts)]))
         ids = out["input_ids"]
         out["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
         return out
+
+
+    def _placeholder_run(self, kind: str, grid: list[int], token: int, start: int, end: int) -> list[int]:
+        """The tokens the processor puts in the prompt for one image or video of patch grid ``grid``: one
+        placeholder per LLM token between vision start and end."""
+        return [start] + [token] * (grid[0] * grid[1] * grid[2] // 4) + [end]
 
 
 def _as_video(features) -> Tensor:
@@ -272,7 +279,7 @@ class CompiledQwen2VLModel(CompiledVLM):
     def _luvc_encode(self, pixels: Tensor, grid_thw: Tensor) -> hf.BaseModelOutputWithPooling:
         visual = self.visual
         m = visual.spatial_merge_size
-        hidden = visual.patch_embed(pixels.type(visual.dtype))
+        hidden = self._luvc_embed(pixels, grid_thw)
         grids = tuple((int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist())
         state = VisionState(
             hidden=hidden,
@@ -286,6 +293,11 @@ class CompiledQwen2VLModel(CompiledVLM):
                             [t * h * w for t, h, w in state.grids])
         return vision_output(state, [t * h * w for t, h, w in grids], luvc_grid_thw=merged,
                              luvc_source_grids=list(grids), luvc_cells=list(cells))
+
+    def _luvc_embed(self, pixels: Tensor, grid_thw: Tensor) -> Tensor:
+        """[N, D] the patch tokens the first vision block receives (block-major, as the tower orders them)."""
+        visual = self.visual
+        return visual.patch_embed(pixels.type(visual.dtype))
 
     def _luvc_positions(self, ids, valid, encoded, position_ids, rebuilt, kwargs):
         batch = ids.shape[0]

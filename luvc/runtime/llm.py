@@ -172,13 +172,19 @@ class DecoderLayerNode(StackNode):
         """[B, S, D] ``state``'s hidden states after this layer's input norm."""
         return self.block.input_layernorm(state.hidden)
 
+    def queries(self, x: Tensor) -> Tensor:
+        """[B, S, H, d] the attention's pre-norm, pre-rotary queries of normalized hidden states ``x``;
+        a family whose ``q_proj`` also yields other channels (Qwen3.5's output gate) overrides it."""
+        attn = self.block.self_attn
+        return attn.q_proj(x).view(*x.shape[:2], -1, attn.head_dim)
+
 
 def _rotated(node: DecoderLayerNode, state: LLMState) -> tuple[Tensor, Tensor]:
     """Post-rotary queries [B, H, S, d] and keys [B, Hkv, S, d] of ``node``'s attention on ``state``."""
     attn = node.block.self_attn
     x = node.block.input_layernorm(state.hidden)
     batch, length = x.shape[:2]
-    q = attn.q_proj(x).view(batch, length, -1, attn.head_dim)
+    q = node.queries(x)
     k = attn.k_proj(x).view(batch, length, -1, attn.head_dim)
     if getattr(attn, "q_norm", None) is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
