@@ -75,8 +75,9 @@ def test_compiled_stack_invariants(family, schedule, batch):
     text_tokens = (inputs["attention_mask"].bool() & ~placeholder).sum(1).tolist()
     try:
         luvc.compile(model, schedule)
-    except ScheduleError as exc:  # a key-comparing merge right after another transform is refused by design
-        assume("keys no longer describe the tokens" not in str(exc))
+    except ScheduleError as exc:  # refused by design: a key-comparing merge right after another transform, and
+        # (hybrid Qwen3.5) an attention-ranked pruning before a linear-attention layer
+        assume("keys no longer describe the tokens" not in str(exc) and "has no attention to rank" not in str(exc))
         raise
     try:
         with torch.no_grad():

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "luvc.transforms.uniform_pool",
     "luvc.models.qwen2_vl",
     "luvc.models.qwen2_5_vl",
+    "luvc.models.qwen3_5",
     "luvc.models.llava",
     "luvc.models.internvl",
     "luvc.models.idefics3",

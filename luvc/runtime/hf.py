@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import transformers
 from packaging.version import Version
-from torch import nn
+from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -41,8 +41,13 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     unpad_image,
 )
 from transformers.models.qwen2_vl import modeling_qwen2_vl as _qwen2_vl
+from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeBaseModelOutputWithPast
 from transformers.utils.generic import is_flash_attention_requested
-from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+from transformers.vision_utils import (
+    get_vision_interpolation_indices_and_weights,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
 
 try:  # transformers >= 5.24: multimodal inner models return their encoder outputs too
     from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as MultimodalOutput
@@ -51,15 +56,14 @@ except ImportError:
 
 __all__ = [
     "BaseModelOutputWithPast", "BaseModelOutputWithPooling", "CACHE_KWARG", "CLIP_EAGER_ATTENTION", "DynamicCache",
-    "DynamicLayer",
-    "Gemma3ModelOutputWithPast", "Idefics3BaseModelOutputWithPast", "InternVLModelOutputWithPast",
+    "DynamicLayer", "Gemma3ModelOutputWithPast", "Idefics3BaseModelOutputWithPast", "InternVLModelOutputWithPast",
     "LlavaModelOutputWithPast", "LlavaOnevisionModelOutputWithPast", "MultimodalExpansionHook", "MultimodalOutput",
-    "QWEN_VISION_EAGER_ATTENTION", "QWEN_VISION_ROTARY", "attention_function", "attn_implementation",
-    "cache_layer_index", "direct_weights", "execution_device", "follow_class", "full_attention_cache",
-    "get_anyres_image_grid_shape",
-    "get_vision_position_ids", "get_vision_window_index", "image_size_to_num_patches", "is_flash_attention_requested",
-    "reset_rope_deltas", "restore_forward", "rotary_function", "set_attn_implementation", "smart_resize", "unpad_image",
-    "vision_rotary_function",
+    "QWEN_VISION_EAGER_ATTENTION", "QWEN_VISION_ROTARY", "Qwen3_5MoeBaseModelOutputWithPast", "attention_function",
+    "attn_implementation", "cache_layer_index", "direct_weights", "execution_device", "follow_class",
+    "full_attention_cache", "get_anyres_image_grid_shape", "get_vision_position_ids", "get_vision_window_index",
+    "image_size_to_num_patches", "is_flash_attention_requested", "learned_position_taps", "linear_attention_state",
+    "reset_rope_deltas", "restore_forward", "rotary_function", "set_attn_implementation", "smart_resize",
+    "unpad_image", "vision_rotary_function",
 ]
 
 def smart_resize(height: int, width: int, factor: int, **bounds: int) -> tuple[int, int]:
@@ -116,9 +120,24 @@ def vision_rotary_function(attention: nn.Module) -> Callable:
 
 
 def cache_layer_index(attention: nn.Module) -> int:
-    """The KV-cache slot a decoder layer's attention writes (``self_attn.layer_idx``); luvc keys its per-layer
-    cache bookkeeping by it, so it matches the cache's own layers."""
+    """The cache slot a decoder layer's attention (or linear-attention token mixer) writes (``layer_idx``);
+    luvc keys its per-layer cache bookkeeping by it, so it matches the cache's own layers."""
     return attention.layer_idx
+
+
+def linear_attention_state(cache, layer_idx: int) -> tuple[Tensor | None, Tensor | None]:
+    """The convolution and recurrent state a linear-attention layer (Gated DeltaNet) keeps in ``cache``
+    (None before its first forward): transformers >= 5.x hybrid caches' per-layer state accessors."""
+    return cache.get_conv_state(layer_idx), cache.get_recurrent_state(layer_idx)
+
+
+def learned_position_taps(grid_thw: Tensor, visual: nn.Module) -> tuple[Tensor, Tensor]:
+    """[N, taps] indices into and weights of a Qwen3-VL-style tower's learned position table (``pos_embed``)
+    that resample it to each image's patch grid, in the tower's block-major patch order: what its forward
+    adds to the patch embeddings (``get_vision_interpolation_indices_and_weights`` and the tower's settings)."""
+    return get_vision_interpolation_indices_and_weights(
+        grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
 
 
 def full_attention_cache(cache) -> None:

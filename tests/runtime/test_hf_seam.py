@@ -102,8 +102,11 @@ def test_rotary_function_rotates_every_llms_heads(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_layer_index_is_the_layers_position(family):
-    layers = _decoder_layers(family)
-    assert [hf.cache_layer_index(layer.self_attn) for layer in layers] == list(range(len(layers)))
+    """Every attention layer's cache slot is its position in the stack (hybrid models: among all layers)."""
+    model = build_model(family, device="meta")
+    nodes = [node for _, node in find_adapter(model).stack_nodes(model) if isinstance(node, DecoderLayerNode)]
+    assert [hf.cache_layer_index(node.block.self_attn) for node in nodes] == [node.index for node in nodes]
+    assert nodes[-1].index == len(model.model.language_model.layers) - 1
 
 
 def test_full_attention_cache_replaces_sliding_window_layers():
@@ -255,3 +258,27 @@ def test_private_transformers_names_are_reached_only_through_the_seam():
         offences += [f"{where}: imports {m}" for m in _transformers_submodules(ast.parse(text))]
         offences += [f"{where}: {p}" for p in PRIVATE if re.search(p, text)]
     assert not offences, "route these through luvc/runtime/hf.py:\n" + "\n".join(offences)
+
+
+def test_learned_position_taps_resample_the_position_table_in_block_major_order():
+    visual = build_model("qwen3.5-tiny").model.visual
+    index, weight = hf.learned_position_taps(torch.tensor([[1, 4, 6]]), visual)
+    ours = (visual.pos_embed(index) * weight[:, :, None]).sum(1)
+    side = visual.num_grid_per_side
+    table = visual.pos_embed.weight.T.reshape(1, -1, side, side)
+    raster = torch.nn.functional.interpolate(table, size=(4, 6), mode="bilinear", align_corners=True)[0]
+    block_major = raster.reshape(-1, 2, 2, 3, 2).permute(1, 3, 2, 4, 0).reshape(24, -1)  # 2x2 merge units
+    torch.testing.assert_close(ours, block_major, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_attention_state_is_the_conv_window_and_recurrent_state_a_layer_caches():
+    model = build_model("qwen3.5-tiny")
+    text = model.config.text_config
+    cache = hf.DynamicCache(config=text)
+    assert hf.linear_attention_state(cache, 0) == (None, None)
+    model(input_ids=torch.tensor([[10, 11, 12, 13, 14, 15]]), use_cache=True, **{hf.CACHE_KWARG: cache})
+    conv, recurrent = hf.linear_attention_state(cache, 0)
+    mixer = model.model.language_model.layers[0].linear_attn
+    assert conv.shape == (1, mixer.conv_dim, text.linear_conv_kernel_dim)
+    assert recurrent.shape == (1, text.linear_num_value_heads, text.linear_key_head_dim, text.linear_value_head_dim)
+    assert recurrent.abs().sum() > 0

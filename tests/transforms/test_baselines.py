@@ -45,10 +45,29 @@ def _rope_positions(model, inputs) -> torch.Tensor:
                                       attention_mask=inputs["attention_mask"])[0]
 
 
-@pytest.mark.parametrize("layer", [0, 2])
+def _linear_layers(model) -> list[int]:
+    """The LLM layers without attention (a hybrid model's linear-attention layers)."""
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+    return [i for i, kind in enumerate(kinds) if kind == "linear_attention"]
+
+
+def _placed(method: str, model) -> dict:
+    """``METHODS[method]``, its attention-ranked steps moved to the full-attention layers of a hybrid model
+    (luvc refuses them before a linear-attention layer, which has no attention to rank by)."""
+    schedule = METHODS[method]
+    linear = _linear_layers(model)
+    if method not in QUERY_DEPENDENT or not linear:
+        return schedule
+    full = [i for i in range(model.config.get_text_config().num_hidden_layers) if i not in linear]
+    return {**schedule, "llm": [{**step, "at": full} for step in schedule["llm"]]}
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3])
 def test_recomputed_attention_rows_equal_eager_probabilities(family, layer, astronaut, coffee):
     """The last token's head-averaged attention row, recomputed from q/k, equals eager attention's."""
     model = build_model(family, attn="eager")
+    if layer in _linear_layers(model):
+        pytest.skip(f"layer {layer} of {family} is a linear-attention layer: it has no attention rows")
     inputs = vlm_inputs([[astronaut], [coffee[:150, :300]]], prompts=[(10, 11), (12, 13, 14, 15)],
                         pixels=160 * 160, config=model_config(family))
     out = model(**inputs, output_attentions=True, output_hidden_states=True)
@@ -68,7 +87,7 @@ def test_recomputed_attention_rows_equal_eager_probabilities(family, layer, astr
 def test_method_compiles_meets_its_budget_and_generates(method, family, mixed_batch_inputs):
     """Cached generate equals recomputing the prompt; each step removes exactly its planned count; text is kept."""
     model = build_model(family)
-    luvc.compile(model, METHODS[method])
+    luvc.compile(model, _placed(method, model))
     cached = model.generate(**mixed_batch_inputs, max_new_tokens=3, do_sample=False)[:, -3:]
     assert cached.shape == (3, 3)
     if method in QUERY_DEPENDENT:  # ranked by the newest token: re-running a longer prompt prunes differently
