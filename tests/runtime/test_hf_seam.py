@@ -106,7 +106,7 @@ def test_cache_layer_index_is_the_layers_position(family):
     model = build_model(family, device="meta")
     nodes = [node for _, node in find_adapter(model).stack_nodes(model) if isinstance(node, DecoderLayerNode)]
     assert [hf.cache_layer_index(node.block.self_attn) for node in nodes] == [node.index for node in nodes]
-    assert nodes[-1].index == len(model.model.language_model.layers) - 1
+    assert nodes[-1].index == len(find_adapter(model).language_model(model).layers) - 1
 
 
 def test_full_attention_cache_replaces_sliding_window_layers():
