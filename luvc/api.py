@@ -11,10 +11,10 @@ from torch import nn
 from luvc.errors import CompileError, ScheduleError
 from luvc.fx.passes import insert_transforms, plan_of
 from luvc.fx.trace import StackGraphModule, trace_stack
+from luvc.hf import attn_implementation
 from luvc.models import ModelAdapter, find_adapter
 from luvc.registry import get_registry
 from luvc.registry.adapter import CAPABILITIES
-from luvc.runtime.hf import attn_implementation
 from luvc.schedules import Schedule, load_schedule, params_of
 from luvc.schedules.loader import ScheduleLike
 from luvc.schedules.verify import verify

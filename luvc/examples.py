@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from luvc import hf
 from luvc.errors import UnknownModelError
 from luvc.registry import get_registry
-from luvc.runtime import hf
 
 #: Text-model settings every example shares (a small vocabulary; ids 0, 1, 2 are pad, bos, eos).
 TEXT_DEFAULTS = dict(vocab_size=512, max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -25,8 +25,8 @@ from PIL import Image
 import luvc
 from luvc.bench.memory import kv_cache_bytes, peak_memory
 from luvc.examples import build_model, sample_image, vlm_inputs
+from luvc.hf import CACHE_KWARG
 from luvc.measure import Timing, count_flops, time_call
-from luvc.runtime.hf import CACHE_KWARG
 
 RATIO_FIELDS = ("vision_flops", "llm_flops", "total_flops", "vision_s", "llm_prefill_s", "ttft_s",
                 "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes", "llm_visual_tokens",

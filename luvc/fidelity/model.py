@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from luvc.fidelity.tasks import SIZE, Item, vocabulary
-from luvc.runtime.hf import set_attn_implementation
+from luvc.hf import set_attn_implementation
 
 CHECKPOINT = Path(__file__).parent / "checkpoint"
 SHIPPED = "luvc/fidelity/checkpoint (shipped)"  # how reports name CHECKPOINT, wherever luvc is installed

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from luvc import hf
 from luvc.registry.spec import TransformSpec
-from luvc.runtime import hf
 from luvc.state import LedgerRow, to_device
 
 

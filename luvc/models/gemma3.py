@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
+from luvc import hf
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.base import FamilyAdapter
@@ -37,7 +38,6 @@ from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VISION_END, VISIO
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
-from luvc.runtime import hf
 from luvc.runtime.compiled import vision_output
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 from luvc.runtime.sized_attention import SizedCLIPAttention

@@ -25,13 +25,13 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefi
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
+from luvc.hf import Idefics3BaseModelOutputWithPast
 from luvc.models.base import FamilyAdapter
 from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.models.internvl import PixelShuffleProjectorNode, unit_major
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import vision_output
-from luvc.runtime.hf import Idefics3BaseModelOutputWithPast
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.state import VisionState
 

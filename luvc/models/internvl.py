@@ -25,15 +25,15 @@ import torch
 from torch import Tensor, nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
+from luvc import hf
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
+from luvc.hf import InternVLModelOutputWithPast
 from luvc.models.base import FamilyAdapter
 from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
-from luvc.runtime import hf
 from luvc.runtime.compiled import vision_output
-from luvc.runtime.hf import InternVLModelOutputWithPast
 from luvc.runtime.sized_attention import batched_sized_attention
 from luvc.state import LedgerRow, VisionState
 

@@ -24,11 +24,11 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode, captured_output
+from luvc.hf import LlavaModelOutputWithPast
 from luvc.models.base import FamilyAdapter
 from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import CompiledVLM, vision_output
-from luvc.runtime.hf import LlavaModelOutputWithPast
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.runtime.vision_scores import patch_scores
 from luvc.state import LedgerRow, VisionState

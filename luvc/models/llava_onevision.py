@@ -35,16 +35,16 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VIDEO_TOKEN, padded, square_pixels, tiny_tower
-from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
-from luvc.registry import hookimpl
-from luvc.runtime.compiled import vision_output
-from luvc.runtime.hf import (
+from luvc.hf import (
     LlavaOnevisionModelOutputWithPast,
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
     unpad_image,
 )
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VIDEO_TOKEN, padded, square_pixels, tiny_tower
+from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
+from luvc.registry import hookimpl
+from luvc.runtime.compiled import vision_output
 from luvc.state import VisionState
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from luvc.fx.nodes import StackNode
+from luvc.hf import get_vision_window_index
 from luvc.models.example_inputs import TINY_TEXT
 from luvc.models.qwen2_vl import (
     QWEN_7B_TEXT,
@@ -30,7 +31,6 @@ from luvc.models.qwen2_vl import (
     mrope,
 )
 from luvc.registry import hookimpl
-from luvc.runtime.hf import get_vision_window_index
 from luvc.state import LedgerRow, VisionState
 
 

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
+from luvc import hf
 from luvc.fx.nodes import StackNode, captured_output
 from luvc.models.base import FamilyAdapter
 from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VIDEO_TOKEN, VISION_END, VISION_START, padded
 from luvc.registry import hookimpl
-from luvc.runtime import hf
 from luvc.runtime.compiled import CompiledVLM, vision_output
 from luvc.runtime.sized_attention import SizedVisionAttention
 from luvc.runtime.vision_scores import received_attention

@@ -35,11 +35,11 @@ from transformers import (
     Qwen3_5MoeForConditionalGeneration,
 )
 
+from luvc import hf
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.models.qwen2_vl import CompiledQwen2VLModel, Qwen2VLAdapter
 from luvc.registry import hookimpl
-from luvc.runtime import hf
 from luvc.runtime.llm import DecoderLayerNode, FinalNormNode
 from luvc.state import LLMState
 

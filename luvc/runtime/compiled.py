@@ -14,9 +14,9 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from luvc import hf
 from luvc.errors import CompileError
-from luvc.runtime import hf
-from luvc.runtime.hf import BaseModelOutputWithPast, BaseModelOutputWithPooling, DynamicCache
+from luvc.hf import BaseModelOutputWithPast, BaseModelOutputWithPooling, DynamicCache
 from luvc.runtime.llm import CacheRecord, placeholder_keep, right_align, scatter_to_caller
 from luvc.state import LLMState, VisionState, map_tensors
 

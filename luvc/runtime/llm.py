@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from luvc import hf
 from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
-from luvc.runtime import hf
 from luvc.runtime.sized_attention import log_sizes
 from luvc.state import LLMState
 

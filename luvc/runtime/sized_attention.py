@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from luvc.runtime import hf
+from luvc import hf
 
 
 class SizedVisionAttention:

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 import luvc
-from luvc import CompileError, ScheduleError
+from luvc import CompileError, ScheduleError, hf
 from luvc.examples import build_model, model_config, vlm_inputs
 from luvc.models.qwen3_5 import LinearAttentionLayerNode
-from luvc.runtime import hf
 
 FAMILY = "qwen3.5-tiny"
 

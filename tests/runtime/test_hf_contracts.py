@@ -14,11 +14,11 @@ from conftest import FAMILIES
 
 import luvc
 from luvc.examples import build_model
+from luvc.hf import CACHE_KWARG, image_size_to_num_patches
 from luvc.models import find_adapter
 from luvc.models.gemma3 import PooledProjectorNode
 from luvc.models.internvl import InternViTLayerNode, unit_major
 from luvc.models.llava_onevision import pack_image
-from luvc.runtime.hf import CACHE_KWARG, image_size_to_num_patches
 from luvc.runtime.llm import DecoderLayerNode
 from luvc.state import LLMState, VisionState
 

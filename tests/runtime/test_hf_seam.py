@@ -1,4 +1,4 @@
-"""The seam with transformers (``luvc.runtime.hf``): each access still reaches what luvc expects on the
+"""The seam with transformers (``luvc.hf``): each access still reaches what luvc expects on the
 installed transformers, and no private transformers name is reached from anywhere else in luvc."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from conftest import FAMILIES
 from transformers.generation.utils import GenerationMixin
 
 import luvc
+from luvc import hf
 from luvc.examples import build_model, model_config, vlm_inputs
 from luvc.models import find_adapter
-from luvc.runtime import hf
 from luvc.runtime.llm import DecoderLayerNode
 
 LUVC = Path(__file__).resolve().parents[2] / "luvc"
-SEAM = LUVC / "runtime" / "hf.py"
+SEAM = LUVC / "hf.py"
 
 
 def _decoder_layers(family: str) -> list[torch.nn.Module]:
@@ -257,7 +257,7 @@ def test_private_transformers_names_are_reached_only_through_the_seam():
         where = path.relative_to(LUVC.parent)
         offences += [f"{where}: imports {m}" for m in _transformers_submodules(ast.parse(text))]
         offences += [f"{where}: {p}" for p in PRIVATE if re.search(p, text)]
-    assert not offences, "route these through luvc/runtime/hf.py:\n" + "\n".join(offences)
+    assert not offences, "route these through luvc/hf.py:\n" + "\n".join(offences)
 
 
 def test_learned_position_taps_resample_the_position_table_in_block_major_order():
