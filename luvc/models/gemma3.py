@@ -167,11 +167,11 @@ class Gemma3Adapter(FamilyAdapter):
 
     def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
         """Each image's soft tokens between begin/end-of-image tokens, and ``token_type_ids`` marking
-        them, as the Gemma 3 processor does."""
+        them, as the Gemma 3 processor does; its image processor squashes bilinearly to the tower's size."""
         if any(videos):
             raise ValueError(f"{config.model_type} takes no video")
         out = fixed_grid_inputs(images, prompts, config, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                                wrap=([config.boi_token_index], [config.eoi_token_index]))
+                                wrap=([config.boi_token_index], [config.eoi_token_index]), resample="BILINEAR")
         out["token_type_ids"] = (out["input_ids"] == config.image_token_id).long()
         return out
 

@@ -30,7 +30,7 @@ from luvc.errors import CompileError
 from luvc.fx.nodes import StackNode
 from luvc.hf import InternVLModelOutputWithPast
 from luvc.models.base import FamilyAdapter
-from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
+from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VISION_END, VISION_START, fixed_grid_inputs, tiny_tower
 from luvc.models.llava import CLIPLayerNode, CompiledLlavaModel
 from luvc.registry import hookimpl
 from luvc.runtime.compiled import vision_output
@@ -179,9 +179,12 @@ class InternVLAdapter(FamilyAdapter):
                               image_token_id=IMAGE_TOKEN, image_seq_length=(side // 2) ** 2)
 
     def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        """What InternVL's processor gives for one tile per image: the tile squashed to the tower's size with
+        ImageNet normalisation, its tokens between ``<img>`` and ``</img>`` (here the vision start and end ids)."""
         if any(videos):
             raise ValueError(f"{config.model_type} takes no video")
-        return fixed_grid_inputs(images, prompts, config, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        return fixed_grid_inputs(images, prompts, config, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                 wrap=([VISION_START], [VISION_END]))
 
 
 @hookimpl

@@ -199,9 +199,11 @@ class LlavaAdapter(FamilyAdapter):
                            image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2)
 
     def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
+        """What LLaVA-1.5's processor gives: CLIP's image processor (shorter edge to the tower's size, centre
+        crop, CLIP normalisation) and one placeholder per patch."""
         if any(videos):
             raise ValueError(f"{config.model_type} takes no video")
-        return fixed_grid_inputs(images, prompts, config, *self.normalisation)
+        return fixed_grid_inputs(images, prompts, config, *self.normalisation, crop=True)
 
 
 @hookimpl
