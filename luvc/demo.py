@@ -16,6 +16,17 @@ from rich.table import Table
 import luvc
 from luvc.examples import build_model, sample_image, vlm_inputs
 from luvc.measure import Timing, count_flops, time_call
+from luvc.models.example_inputs import example_tokenizer
+
+#: One user turn: ``<bos>``, each image wrapped in vision start/end, then the text (the processor expands
+#: ``<|image_pad|>`` to one placeholder per LLM token). Roles are dropped: the demo's model is untrained.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|> ' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endfor -%}"
+)
 
 
 @dataclass
@@ -59,6 +70,36 @@ def measure(model, inputs: dict, new_tokens: int, repeats: int) -> Cost:
     return Cost(vision_flops, total_flops, prefill, gen, out[0, -new_tokens:].tolist())
 
 
+def qwen2_vl_processor(config, pixels: int):
+    """A real ``Qwen2VLProcessor`` for the example configs: Qwen2-VL's image and video processors (at most
+    ``pixels`` pixels an image), a local word-level tokenizer whose special tokens carry ``config``'s ids, and
+    ``CHAT_TEMPLATE``. Needs torchvision (the video processor is always built)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = example_tokenizer({"<|image_pad|>": config.image_token_id, "<|video_pad|>": config.video_token_id,
+                                   "<|vision_start|>": config.vision_start_token_id,
+                                   "<|vision_end|>": config.vision_end_token_id},
+                                  {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    size = {"shortest_edge": 56 * 56, "longest_edge": pixels}
+    patch = config.vision_config.patch_size
+    return Qwen2VLProcessor(Qwen2VLImageProcessor(size=size, patch_size=patch), tokenizer,
+                            Qwen2VLVideoProcessor(size=size, patch_size=patch), chat_template=CHAT_TEMPLATE)
+
+
+def demo_inputs(config, image, prompt: list[int], pixels: int, console: Console) -> dict:
+    """The model's inputs for one image and a prompt of word ids, as a user makes them: the real Qwen2-VL
+    processor and its chat template. Without torchvision (which the processor needs) the hand-made
+    ``vlm_inputs``, which give the same placeholder layout, pixels and grid, and a line saying so."""
+    try:
+        processor = qwen2_vl_processor(config, pixels)
+    except ImportError as error:
+        console.print(f"inputs from luvc.examples.vlm_inputs: the Qwen2-VL processor needs torchvision ({error})")
+        return vlm_inputs([[image]], prompts=[prompt], pixels=pixels, config=config)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": " ".join(f"w{i}" for i in prompt)}]}]
+    return dict(processor.apply_chat_template([messages], tokenize=True, return_dict=True, return_tensors="pt"))
+
+
 def _node_counts(model, inputs) -> list[tuple[str, int]]:
     with torch.inference_mode():
         model(**inputs, logits_to_keep=1)
@@ -72,7 +113,7 @@ def run_demo(model_name: str = "qwen2-vl-demo", schedule: str = "luvc-default", 
     console = console or Console()
     with console.status(f"building {model_name} (random weights)"):
         model = build_model(model_name)
-    inputs = vlm_inputs([[sample_image(image)]], prompts=[list(range(10, 26))], pixels=pixels)
+    inputs = demo_inputs(model.config, sample_image(image), list(range(10, 26)), pixels, console)
     grid = inputs["image_grid_thw"][0].tolist()
     console.print(f"[bold]{model_name}[/]: image '{image}' -> {grid[1]}x{grid[2]} patches, "
                   f"{grid[1] * grid[2] // 4} visual tokens for the LLM")
