@@ -49,6 +49,9 @@ class VisionState:
     *units*, each unit ``unit`` consecutive tokens (the 2x2 patch blocks a
     Qwen-style merger consumes; 1 where there is no merger). Merging acts on
     whole units, so the projector always receives what it can consume.
+    ``carried`` features ride along with their tokens: every vision transform
+    (``luvc.transforms.merging.map_images``) merges, selects and pools them
+    exactly as it does the hidden states.
     """
 
     hidden: Tensor  # [N, D]
@@ -60,6 +63,7 @@ class VisionState:
     attention: Tensor | None = None  # [N] attention each token received in the last block, when asked for
     prefix: Tensor | None = None  # [images, P, D] tokens every image attends to but that never merge (CLS)
     rows: frozenset[int] = frozenset()  # images laid out as one row of tokens that no longer form their grid
+    carried: Tensor | None = None  # [N, C] features that merge with their tokens (DeepStack's earlier block outputs)
     decoding = False
     log: list[LedgerRow] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # adapter's per-state cache (rotary, cu_seqlens)

@@ -53,16 +53,17 @@ class ImageTokens:
     """One image of a ``VisionState``, as views ``[t, h, w, unit, ...]`` of its unit grid."""
 
     grid: tuple[int, int, int]
-    hidden: Tensor  # [t, h, w, u, D]
+    hidden: Tensor  # [t, h, w, u, D + C]: hidden states, then the state's carried features (C = 0: none)
     sizes: Tensor  # [t, h, w, u]
     positions: Tensor  # [t, h, w, u, 2]
     keys: Tensor | None  # [t, h, w, u, Dk] from the block before, if it captured them
     attention: Tensor | None  # [t, h, w, u] received in the block before, if asked for
+    width: int  # D: where the hidden states end in ``hidden``
 
     def metric(self, on: str = "keys") -> Tensor:
         """[t, h, w, M] each unit's mean key (the patch embeddings before the first block), or with
-        ``on="hidden"`` its mean hidden state, float."""
-        source = self.keys if self.keys is not None and on == "keys" else self.hidden
+        ``on="hidden"`` its mean hidden state, float; never the carried features."""
+        source = self.keys if self.keys is not None and on == "keys" else self.hidden[..., :self.width]
         return source.float().mean(dim=3)
 
 
@@ -74,7 +75,11 @@ def map_images(state: VisionState, fn: Callable[[ImageTokens], tuple[Tensor, Ten
     and ``2`` respectively (flattened here, in order) and its new unit grid.
     ``as_rows``: ``fn`` lays each image out as one row ``(t, 1, n)`` of tokens
     that no longer form its grid (an image already one row high stays a grid).
+    The state's carried features travel as extra channels of ``hidden``, so
+    ``fn``, which treats channels alike, merges them with their tokens.
     """
+    width = state.hidden.shape[-1]
+    tokens = state.hidden if state.carried is None else torch.cat([state.hidden, state.carried.to(state.hidden)], -1)
     hidden, sizes, positions, grids = [], [], [], []
     rows = set(state.rows)
     start = 0
@@ -85,10 +90,10 @@ def map_images(state: VisionState, fn: Callable[[ImageTokens], tuple[Tensor, Ten
         start = view.stop
         shape = (t, h, w, u)
         image = ImageTokens(
-            grid, state.hidden[view].reshape(*shape, -1), state.sizes[view].reshape(shape),
+            grid, tokens[view].reshape(*shape, -1), state.sizes[view].reshape(shape),
             state.positions[view].reshape(*shape, 2),
             state.keys[view].reshape(*shape, -1) if state.keys is not None else None,
-            state.attention[view].reshape(shape) if state.attention is not None else None,
+            state.attention[view].reshape(shape) if state.attention is not None else None, width,
         )
         x, s, p, new_grid = fn(image)
         hidden.append(x.reshape(-1, x.shape[-1]))
@@ -97,5 +102,7 @@ def map_images(state: VisionState, fn: Callable[[ImageTokens], tuple[Tensor, Ten
         grids.append(new_grid)
         if as_rows and grid[1] > 1:
             rows.add(len(grids) - 1)
-    return state.replace(hidden=torch.cat(hidden), sizes=torch.cat(sizes), positions=torch.cat(positions),
-                         grids=tuple(grids), rows=frozenset(rows))
+    tokens = torch.cat(hidden)
+    carried = None if state.carried is None else tokens[:, width:].to(state.carried.dtype).contiguous()
+    return state.replace(hidden=tokens[:, :width].contiguous(), sizes=torch.cat(sizes), positions=torch.cat(positions),
+                         grids=tuple(grids), rows=frozenset(rows), carried=carried)

@@ -41,10 +41,9 @@ def uniform_pool(state: VisionState, params: PoolParams) -> VisionState:
     sh, sw = params.stride
     if (sh, sw) == (1, 1):
         return state
-    dim = state.hidden.shape[-1]
-
     def pool(image: ImageTokens):
         t, h, w = image.grid
+        dim = image.hidden.shape[-1]
         weight = image.sizes.float()[..., None]
         values = torch.cat([image.hidden.float() * weight, image.positions * weight, weight], dim=-1)
         H, W = math.ceil(h / sh), math.ceil(w / sw)
