@@ -42,6 +42,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 from transformers.models.qwen2_vl import modeling_qwen2_vl as _qwen2_vl
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeBaseModelOutputWithPast
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeBaseModelOutputWithPast
 from transformers.utils.generic import is_flash_attention_requested
 from transformers.vision_utils import (
     get_vision_interpolation_indices_and_weights,
@@ -58,12 +59,12 @@ __all__ = [
     "BaseModelOutputWithPast", "BaseModelOutputWithPooling", "CACHE_KWARG", "CLIP_EAGER_ATTENTION", "DynamicCache",
     "DynamicLayer", "Gemma3ModelOutputWithPast", "Idefics3BaseModelOutputWithPast", "InternVLModelOutputWithPast",
     "LlavaModelOutputWithPast", "LlavaOnevisionModelOutputWithPast", "MultimodalExpansionHook", "MultimodalOutput",
-    "QWEN_VISION_EAGER_ATTENTION", "QWEN_VISION_ROTARY", "Qwen3_5MoeBaseModelOutputWithPast", "attention_function",
-    "attn_implementation", "cache_layer_index", "direct_weights", "execution_device", "follow_class",
-    "full_attention_cache", "get_anyres_image_grid_shape", "get_vision_position_ids", "get_vision_window_index",
-    "image_size_to_num_patches", "is_flash_attention_requested", "learned_position_taps", "linear_attention_state",
-    "reset_rope_deltas", "restore_forward", "rotary_function", "set_attn_implementation", "smart_resize",
-    "unpad_image", "vision_rotary_function",
+    "QWEN_VISION_EAGER_ATTENTION", "QWEN_VISION_ROTARY", "Qwen3VLMoeBaseModelOutputWithPast",
+    "Qwen3_5MoeBaseModelOutputWithPast", "attention_function", "attn_implementation", "cache_layer_index",
+    "direct_weights", "execution_device", "follow_class", "full_attention_cache", "get_anyres_image_grid_shape",
+    "get_vision_position_ids", "get_vision_window_index", "image_size_to_num_patches", "is_flash_attention_requested",
+    "learned_position_taps", "linear_attention_state", "reset_rope_deltas", "restore_forward", "rotary_function",
+    "set_attn_implementation", "smart_resize", "unpad_image", "vision_position_embeddings", "vision_rotary_function",
 ]
 
 def smart_resize(height: int, width: int, factor: int, **bounds: int) -> tuple[int, int]:
@@ -148,6 +149,16 @@ def full_attention_cache(cache) -> None:
     must stay. Reaches ``cache.layers``, transformers' per-layer storage.
     """
     cache.layers = [layer if type(layer) is DynamicLayer else DynamicLayer() for layer in cache.layers]
+
+
+def vision_position_embeddings(visual: nn.Module, grid_thw: Tensor) -> Tensor:
+    """[N, D] the learned position embeddings a Qwen3-VL vision tower adds to its patch embeddings before the
+    first block: its square table resampled to each grid, patches in 2x2-block order. Reads the tower's
+    interpolation settings (``num_grid_per_side``, ``interpolation_mode``, ``interpolation_align_corners``)."""
+    indices, weights = get_vision_interpolation_indices_and_weights(
+        grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
+    return (visual.pos_embed(indices) * weights[:, :, None]).sum(1)
 
 
 def reset_rope_deltas(inner: nn.Module) -> None:

@@ -97,6 +97,9 @@ class LLMState:
     image_blocks: bool = False  # each image's tokens attend to each other both ways (Gemma 3)
     sizes: Tensor | None = None  # [B, S] float32: tokens each one stands for, when the LLM attends by size
     grid: Tensor | None = None  # [B, S, 6] long: visual tokens' (item, frame, row, col, height, width), else -1
+    #: per layer from the first, [B, L, D] features added to the visual tokens after that layer (Qwen3-VL's
+    #: DeepStack), indexed by ``source``: a token keeps its own through every prune and a pruned one gets none
+    deepstack: tuple[Tensor, ...] = ()
     log: list[LedgerRow] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)  # adapter's per-state cache (masks, rotary)
     site = "llm"

@@ -197,8 +197,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:
         """What the Qwen2-VL processor gives: each image or video wrapped in vision start/end tokens with
         one placeholder per LLM token, ``mm_token_type_ids``, pixel tensors and grids."""
-        processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=pixels,
-                                             patch_size=config.vision_config.patch_size)
+        processor = self._example_processor(config, pixels)
         out: dict = {}
         rows: list[list[int]] = [[1] for _ in prompts]
         start, end = config.vision_start_token_id, config.vision_end_token_id
@@ -218,16 +217,21 @@ class Qwen2VLAdapter(FamilyAdapter):
                                      for (_, v), f in zip(items, frames)])
                 out["video_grid_thw"] = grid
             for (i, _), g in zip(items, grid.tolist()):
-                rows[i] += self._placeholder_run(kind, g, token, start, end)
+                rows[i] += self._example_placeholders(kind, g, [start, token, end])
         out.update(padded([row + list(prompt) for row, prompt in zip(rows, prompts)]))
         ids = out["input_ids"]
         out["mm_token_type_ids"] = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
         return out
 
+    def _example_processor(self, config, pixels: int):
+        """The image processor of the family's example inputs, resizing to at most ``pixels``."""
+        patch = config.vision_config.patch_size
+        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=pixels, patch_size=patch)
 
-    def _placeholder_run(self, kind: str, grid: list[int], token: int, start: int, end: int) -> list[int]:
-        """The tokens the processor puts in the prompt for one image or video of patch grid ``grid``: one
-        placeholder per LLM token between vision start and end."""
+    def _example_placeholders(self, kind: str, grid: list[int], tokens: list[int]) -> list[int]:
+        """The tokens one image or video of patch grid ``grid`` puts in the prompt; ``tokens`` are
+        vision start, placeholder and vision end."""
+        start, token, end = tokens
         return [start] + [token] * (grid[0] * grid[1] * grid[2] // 4) + [end]
 
 
@@ -287,8 +291,16 @@ class CompiledQwen2VLModel(CompiledVLM):
             positions=hf.get_vision_position_ids(grid_thw, m).float(),
             grids=grids, unit=m * m, log=[],
         )
-        state = self._luvc_sections[0](state)
-        merged = torch.tensor([(t, h * m, w * m) for t, h, w in state.grids], device=grid_thw.device)
+        return self._luvc_vision_output(self._luvc_sections[0](state), grids)
+
+    def _luvc_embed(self, pixels: Tensor, grid_thw: Tensor) -> Tensor:
+        """[N, D] what the first vision block receives: the patch embeddings."""
+        return self.visual.patch_embed(pixels.type(self.visual.dtype))
+
+    def _luvc_vision_output(self, state: VisionState, grids: tuple) -> hf.BaseModelOutputWithPooling:
+        """The encoder output of the vision section's final ``state``, ``grids`` the unit grids it started from."""
+        m = self.visual.spatial_merge_size
+        merged = torch.tensor([(t, h * m, w * m) for t, h, w in state.grids], device=state.hidden.device)
         cells = torch.split(torch.div(state.positions, m, rounding_mode="floor").long(),
                             [t * h * w for t, h, w in state.grids])
         return vision_output(state, [t * h * w for t, h, w in grids], luvc_grid_thw=merged,

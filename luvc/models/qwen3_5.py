@@ -203,12 +203,12 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
         vision.setdefault("patch_size", 16)
         return super().example_config(text, vision, spec, vision_layers)
 
-    def _placeholder_run(self, kind: str, grid: list[int], token: int, start: int, end: int) -> list[int]:
+    def _example_placeholders(self, kind: str, grid: list[int], tokens: list[int]) -> list[int]:
         """Images as Qwen2-VL's; a video as one start-placeholders-end run per temporal patch."""
-        run = super()._placeholder_run
+        run = super()._example_placeholders
         if kind == "image":
-            return run(kind, grid, token, start, end)
-        return run(kind, [1, *grid[1:]], token, start, end) * grid[0]
+            return run(kind, grid, tokens)
+        return run(kind, [1, *grid[1:]], tokens) * grid[0]
 
 
 class Qwen3_5MoeAdapter(Qwen3_5Adapter):

@@ -32,6 +32,7 @@ BUILTIN_PLUGINS = (
     "luvc.models.qwen2_vl",
     "luvc.models.qwen2_5_vl",
     "luvc.models.qwen3_5",
+    "luvc.models.qwen3_vl",
     "luvc.models.llava",
     "luvc.models.internvl",
     "luvc.models.idefics3",

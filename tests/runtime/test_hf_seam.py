@@ -165,6 +165,20 @@ def test_vision_position_ids_are_block_major_rows_and_columns():
     assert ids.shape == (16, 2)
 
 
+def test_vision_position_embeddings_are_what_the_qwen3_vl_tower_adds_before_its_first_block(astronaut):
+    model = build_model("qwen3-vl-tiny")
+    visual = model.model.visual
+    inputs = vlm_inputs([[astronaut[:120, :200]]], config=model.config)
+    received = []
+    visual.blocks[0].register_forward_pre_hook(lambda module, args, kwargs: received.append(args[0]),
+                                               with_kwargs=True)
+    model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    patches = visual.patch_embed(inputs["pixel_values"])
+    embeddings = hf.vision_position_embeddings(visual, inputs["image_grid_thw"])
+    assert embeddings.shape == patches.shape
+    torch.testing.assert_close(patches + embeddings, received[0], rtol=0, atol=0)
+
+
 def test_vision_window_index_permutes_units_into_windows():
     visual = build_model("qwen2.5-vl-tiny", device="meta").model.visual
     grid = torch.tensor([[1, 8, 12]])
