@@ -70,10 +70,12 @@ def test_recomputed_attention_rows_equal_eager_probabilities(family, layer, astr
         pytest.skip(f"layer {layer} of {family} is a linear-attention layer: it has no attention rows")
     inputs = vlm_inputs([[astronaut], [coffee[:150, :300]]], prompts=[(10, 11), (12, 13, 14, 15)],
                         pixels=160 * 160, config=model_config(family))
-    out = model(**inputs, output_attentions=True, output_hidden_states=True)
     node = dict(find_adapter(model).stack_nodes(model))[f"llm.layers.{layer}"]  # its rotary and window
+    received = []  # what the layer gets: Qwen3-VL's DeepStack adds to a layer's output after hidden_states saw it
+    node.block.register_forward_pre_hook(lambda module, args: received.append(args[0]))
+    out = model(**inputs, output_attentions=True)
     valid = inputs["attention_mask"].bool()
-    state = LLMState(out.hidden_states[layer], valid, torch.zeros_like(valid), _rope_positions(model, inputs),
+    state = LLMState(received[0], valid, torch.zeros_like(valid), _rope_positions(model, inputs),
                      torch.zeros_like(inputs["input_ids"]))
     length = valid.shape[1]
     rows = torch.tensor([[length - 1], [length - 3]])
