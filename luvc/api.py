@@ -114,6 +114,7 @@ def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdap
     """
     resolved = load_schedule(schedule)
     adapter = find_adapter(model)
+    check_stages(resolved, adapter, type(model).__name__)
     adapter.check(model)
     check_capabilities(resolved, adapter)
     traced = trace_stack(adapter.stack_nodes(model))
@@ -128,6 +129,27 @@ def lower(model: nn.Module, schedule: ScheduleLike) -> tuple[Schedule, ModelAdap
                                "proportional_llm_attention: false")
         graph.luvc_llm_sizes = True
     return resolved, adapter, graph
+
+
+def check_stages(schedule: Schedule, adapter: ModelAdapter, architecture: str) -> None:
+    """Refuse a step of a stage the model's adapter does not compile (the generic adapter runs the
+    vision tower as transformers does, so it takes LLM steps only).
+
+    Raises:
+        ScheduleError: naming the first such step's YAML line, the adapter, and the fix.
+    """
+    supported = getattr(adapter, "stages", frozenset({"vision", "llm"}))
+    for stage in ("vision", "llm"):
+        steps = getattr(schedule, stage)
+        if steps and stage not in supported:
+            raise ScheduleError(
+                f"{steps[0].transform} runs in the {stage} stage, which the {adapter.name} adapter that handles "
+                f"{architecture} does not compile (it supports: {', '.join(sorted(supported))})",
+                source=schedule.source, line=schedule.line_of(stage, 0, "transform"), key=f"{stage}[0]",
+                hint=f"use a schedule without {stage} steps (e.g. luvc-llm, the paper's SPU cascade without the "
+                     f"merge, or fastv-third), or add a family adapter for {architecture} "
+                     "(docs/tutorials/adapters.md)",
+            )
 
 
 def check_capabilities(schedule: Schedule, adapter: ModelAdapter) -> None:

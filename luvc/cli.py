@@ -80,9 +80,11 @@ def plugins() -> None:
     for name, spec in sorted(registry.transforms.items()):
         table.add_row(name, spec.site, registry.plugin_of(name), spec.summary)
     console.print(table)
-    table = Table("adapter", "architectures", "capabilities", title="Model adapters")
+    table = Table("adapter", "architectures", "stages", "capabilities", title="Model adapters (tried in this order)")
     for adapter in registry.adapters:
-        table.add_row(adapter.name, ", ".join(adapter.architectures),
+        stages = getattr(adapter, "stages", frozenset({"vision", "llm"}))
+        table.add_row(adapter.name + (" (fallback)" if getattr(adapter, "fallback", False) else ""),
+                      ", ".join(adapter.architectures), ", ".join(s for s in ("vision", "llm") if s in stages),
                       ", ".join(sorted(getattr(adapter, "capabilities", ()))) or "-")
     console.print(table)
 

@@ -56,13 +56,13 @@ def build_model(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,
                 dtype: torch.dtype = torch.float32, device: str = "cpu", layers: int | None = None,
                 vision_layers: int | None = None) -> nn.Module:
     """A randomly initialised model of example ``name``, in eval mode; ``device="meta"`` allocates nothing."""
-    adapter, _ = _lookup(name)
+    adapter, spec = _lookup(name)
     config = model_config(name, layers, vision_layers)
     for part in (config, config.text_config, config.vision_config):
         hf.set_attn_implementation(part, attn)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = adapter.model_class(config).eval().to(dtype)
+        model = adapter.example_class(spec)(config).eval().to(dtype)
     if device != "meta":
         adapter.example_init(model)
     model.generation_config.pad_token_id = 0
@@ -87,7 +87,8 @@ def vlm_inputs(images: Sequence[Sequence[np.ndarray]] = (), prompts: Sequence[Se
     with id 0. What the family's processor would give its model (``config``; by default Qwen2-VL's);
     ``pixels`` bounds the area of a resized image where the family resizes to fit."""
     config = config if config is not None else model_config("qwen2-vl-tiny")
-    adapter = next((a for a in get_registry().adapters if a.name == config.model_type), None)
+    adapter = next((a for a in get_registry().adapters
+                    if config.model_type in getattr(a, "example_model_types", (a.name,))), None)
     if adapter is None or not hasattr(adapter, "example_inputs"):
         raise UnknownModelError(f"no adapter makes example inputs for model type {config.model_type!r}")
     return adapter.example_inputs(config, images, videos, prompts, pixels)

@@ -16,8 +16,10 @@ instead of a scattered handful of call sites. Public top-level names
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import types
+import typing
 from collections.abc import Callable, Iterator
 from itertools import chain
 from typing import Any
@@ -43,6 +45,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2_vl import modeling_qwen2_vl as _qwen2_vl
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeBaseModelOutputWithPast
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeBaseModelOutputWithPast
+from transformers.models.smolvlm.modeling_smolvlm import SmolVLMBaseModelOutputWithPast
 from transformers.utils.generic import is_flash_attention_requested
 from transformers.vision_utils import (
     get_vision_interpolation_indices_and_weights,
@@ -60,11 +63,12 @@ __all__ = [
     "DynamicLayer", "Gemma3ModelOutputWithPast", "Idefics3BaseModelOutputWithPast", "InternVLModelOutputWithPast",
     "LlavaModelOutputWithPast", "LlavaOnevisionModelOutputWithPast", "MultimodalExpansionHook", "MultimodalOutput",
     "QWEN_VISION_EAGER_ATTENTION", "QWEN_VISION_ROTARY", "Qwen3VLMoeBaseModelOutputWithPast",
-    "Qwen3_5MoeBaseModelOutputWithPast", "attention_function", "attn_implementation", "cache_layer_index",
-    "direct_weights", "execution_device", "follow_class", "full_attention_cache", "get_anyres_image_grid_shape",
-    "get_vision_position_ids", "get_vision_window_index", "image_size_to_num_patches", "is_flash_attention_requested",
-    "learned_position_taps", "linear_attention_state", "reset_rope_deltas", "restore_forward", "rotary_function",
-    "set_attn_implementation", "smart_resize", "unpad_image", "vision_position_embeddings", "vision_rotary_function",
+    "Qwen3_5MoeBaseModelOutputWithPast", "SmolVLMBaseModelOutputWithPast", "attention_function",
+    "attn_implementation", "cache_layer_index", "direct_weights", "execution_device", "follow_class",
+    "full_attention_cache", "get_anyres_image_grid_shape", "get_vision_position_ids", "get_vision_window_index",
+    "image_size_to_num_patches", "inner_output_class", "is_flash_attention_requested", "learned_position_taps",
+    "linear_attention_state", "reset_rope_deltas", "restore_forward", "rotary_function", "set_attn_implementation",
+    "smart_resize", "unpad_image", "vision_position_embeddings", "vision_rotary_function",
 ]
 
 def smart_resize(height: int, width: int, factor: int, **bounds: int) -> tuple[int, int]:
@@ -118,6 +122,17 @@ def vision_rotary_function(attention: nn.Module) -> Callable:
     """``apply_rotary_pos_emb_vision(q, k, cos, sin)`` of the ``modeling_*`` file defining a Qwen-style
     vision attention module's class (Qwen2-VL's or Qwen2.5-VL's own)."""
     return sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+
+
+def inner_output_class(inner_class: type) -> type:
+    """The output class an inner VLM model's ``forward`` returns, read from its return annotation
+    (``tuple | <Family>ModelOutputWithPast``); ``MultimodalOutput`` where the annotation names none."""
+    hints = typing.get_type_hints(inner_class.forward)
+    for candidate in typing.get_args(hints.get("return")) or (hints.get("return"),):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate) \
+                and "last_hidden_state" in {f.name for f in dataclasses.fields(candidate)}:
+            return candidate
+    return MultimodalOutput
 
 
 def cache_layer_index(attention: nn.Module) -> int:

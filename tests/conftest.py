@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from luvc.examples import build_model, model_config, sample_image, vlm_inputs
+from luvc.examples import build_model, examples, model_config, sample_image, vlm_inputs
 from luvc.registry import TransformSpec, get_registry, hookimpl, register_plugin, unregister_plugin
+from luvc.schedules import load_schedule
 
 torch.set_num_threads(2)
 
@@ -18,12 +19,15 @@ def _no_grad():
         yield
 
 
-#: Every registered family's tiny example (its adapter's first): model-level tests run on each, so a new
-#: adapter joins them through its ``examples`` alone.
-FAMILIES = [next(iter(a.examples)) for a in get_registry().adapters if getattr(a, "examples", None)]
+#: Every registered family's tiny example (its adapter's first, or every one it lists as ``test_examples``, as
+#: the generic adapter does for each family it runs): model-level tests run on each, so a new adapter joins
+#: them through its ``examples`` alone.
+FAMILIES = [name for a in get_registry().adapters if getattr(a, "examples", None)
+            for name in getattr(a, "test_examples", (next(iter(a.examples)),))]
+#: The families whose adapter compiles the vision stage (the others take LLM-only schedules).
+VISION_FAMILIES = [name for name in FAMILIES if "vision" in examples()[name][0].stages]
 #: The families whose compiled forward takes video.
-VIDEO_FAMILIES = {next(iter(a.examples)) for a in get_registry().adapters
-                  if getattr(a, "examples", None) and "video" in a.compiled_mixin._luvc_placeholders}
+VIDEO_FAMILIES = {name for name in FAMILIES if "video" in examples()[name][0].compiled_mixin._luvc_placeholders}
 
 
 class _Specs:
@@ -89,6 +93,15 @@ def mixed_batch_inputs(family, astronaut, coffee) -> dict:
         pixels=160 * 160,
         config=model_config(family),
     )
+
+
+def schedule_for(family: str, preset: str):
+    """``preset`` as the family takes it: unchanged where its adapter compiles the vision stage, else the
+    preset's LLM steps alone (named ``<preset>-llm-only``), so LLM-side behaviour is tested on every family."""
+    if family in VISION_FAMILIES:
+        return preset
+    data = load_schedule(preset).model_dump(mode="json", exclude_none=True)
+    return {**data, "name": f"{preset}-llm-only", "vision": []}
 
 
 def greedy_without_cache(model, inputs: dict, steps: int) -> torch.Tensor:

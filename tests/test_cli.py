@@ -35,6 +35,14 @@ def test_plugins_shows_transforms_with_their_plugin():
     assert "qwen2_vl" in result.output and "luvc (built-in)" in result.output
 
 
+def test_plugins_lists_each_adapters_stages():
+    import re
+
+    output = runner.invoke(app, ["plugins"], env={"COLUMNS": "250"}).output
+    assert re.search(r"qwen2_vl\s.*\svision, llm\s", output)
+    assert re.search(r"generic \(fallback\)\s.*\sllm\s", output)
+
+
 def test_validate_ok_and_against_a_model():
     assert run("validate", "luvc-default").exit_code == 0
     result = run("validate", "luvc-default", "--model", "qwen2-vl-tiny")

@@ -28,6 +28,10 @@ class FamilyAdapter:
     name: str
     architectures: tuple[str, ...]
     capabilities: frozenset[str] = frozenset()
+    #: the schedule stages whose transforms this adapter runs (``luvc.compile`` refuses steps of others)
+    stages: frozenset[str] = frozenset({"vision", "llm"})
+    #: a fallback adapter is tried after every other one and claims no architecture exclusively
+    fallback: bool = False
     model_class: type
     compiled_mixin: type
     #: the class each of ``vision_attention`` becomes while compiled (``object``: none is swapped)
@@ -90,6 +94,10 @@ class FamilyAdapter:
 
     def uninstall(self, model: nn.Module, record: dict) -> None:
         uninstall_compiled(model, record)
+
+    def example_class(self, spec: dict) -> type:
+        """The model class an example (``spec``, its entry in ``examples``) is built as."""
+        return self.model_class
 
     def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
         """The transformers config of an example: ``text`` and ``vision`` config keywords, ``spec`` its

@@ -28,7 +28,7 @@ from luvc.hf import LlavaModelOutputWithPast
 from luvc.models.base import FamilyAdapter
 from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, fixed_grid_inputs, tiny_tower
 from luvc.registry import hookimpl
-from luvc.runtime.compiled import CompiledVLM, vision_output
+from luvc.runtime.compiled import CompiledVLM, SequentialPositions, vision_output
 from luvc.runtime.sized_attention import SizedCLIPAttention
 from luvc.runtime.vision_scores import patch_scores
 from luvc.state import LedgerRow, VisionState
@@ -93,7 +93,7 @@ class ProjectorNode(StackNode):
         return state.replace(hidden=self.block(state.hidden), prefix=None, keys=None)
 
 
-class CompiledLlavaModel(CompiledVLM):
+class CompiledLlavaModel(SequentialPositions, CompiledVLM):
     """Compiled LLaVA inner model: the CLIP tower and the LLM run through the luvc graph."""
 
     _luvc_placeholders = {"image": "image_token_id"}
@@ -124,13 +124,6 @@ class CompiledLlavaModel(CompiledVLM):
             if value is not None and value != getattr(self.config, name):
                 raise CompileError(f"this model was compiled for {name}={getattr(self.config, name)!r}, "
                                    f"got {value!r}; uncompile, set it in the config, and compile again")
-
-    def _luvc_positions(self, ids, valid, encoded, position_ids, rebuilt, kwargs):
-        if rebuilt:  # the placeholders were shortened: number the kept tokens in order
-            return (valid.long().cumsum(-1) - 1).clamp(min=0)[None]
-        if position_ids is None:
-            return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)[None]
-        return position_ids[None] if position_ids.dim() == 2 else position_ids
 
 
 class LlavaAdapter(FamilyAdapter):

@@ -38,6 +38,8 @@ BUILTIN_PLUGINS = (
     "luvc.models.idefics3",
     "luvc.models.gemma3",
     "luvc.models.llava_onevision",
+    "luvc.models.smolvlm",
+    "luvc.models.generic",
     "luvc.schedules.presets",
 )
 
@@ -99,8 +101,9 @@ class Registry:
         return results
 
     def _collect_adapters(self) -> list:
-        """Every adapter, in registration order, but an adapter another one ``overrides`` (a tuple of adapter
-        names) is dropped for it.
+        """Every adapter, in registration order with ``fallback`` adapters (the generic one) last, but an
+        adapter another one ``overrides`` (a tuple of adapter names) is dropped for it. A fallback adapter's
+        architectures are the ones it is tested on, not a claim: a family adapter may list them too.
 
         Raises:
             PluginError: two adapters claim one architecture and neither overrides the other.
@@ -109,7 +112,11 @@ class Registry:
         overridden = {name for _, adapter in owned for name in getattr(adapter, "overrides", ())}
         kept = [(plugin, adapter) for plugin, adapter in owned if adapter.name not in overridden]
         claims: dict[str, tuple[str, object]] = {}
+        kept = [pair for pair in kept if not getattr(pair[1], "fallback", False)] + \
+            [pair for pair in kept if getattr(pair[1], "fallback", False)]
         for plugin, adapter in kept:
+            if getattr(adapter, "fallback", False):
+                continue
             for architecture in adapter.architectures:
                 if architecture in claims:
                     other_plugin, other = claims[architecture]

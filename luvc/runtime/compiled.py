@@ -256,6 +256,18 @@ class CompiledVLM:
         return self._luvc_output(scatter_to_caller(state, q), cache)
 
 
+class SequentialPositions:
+    """Mixin for a ``CompiledVLM`` whose LLM takes 1-D rotary positions: the caller's, or the tokens numbered
+    in order; a rebuilt (shortened) sequence is numbered afresh, kept tokens in order."""
+
+    def _luvc_positions(self, ids, valid, encoded, position_ids, rebuilt, kwargs):
+        if rebuilt:
+            return (valid.long().cumsum(-1) - 1).clamp(min=0)[None]
+        if position_ids is None:
+            return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)[None]
+        return position_ids[None] if position_ids.dim() == 2 else position_ids
+
+
 class ExpandingGeneration(hf.MultimodalExpansionHook):
     """Mixin for the outer model: repeats compressed vision outputs per sample for beams and
     ``num_return_sequences``.

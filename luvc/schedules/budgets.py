@@ -78,6 +78,7 @@ _SPU_DEFAULTS = dict(band="low", axis="hidden", cutoff=0.25, normalize=True)
 LUVC_PRESETS: dict[str, dict[str, Any]] = {
     "luvc-default": {},
     "luvc-mild": {"cascade": [0.25, 0.5, 0.75]},
+    "luvc-llm": {"merge_at": []},  # SPU alone: what models without a vision-stage adapter take
     "luvc-aggressive": {"merge_at": [0.125, 0.375], "merge_ratio": 0.1875, "cascade": [0.0, 0.2, 0.4], "q": 0.6},
     "luvc-detail": {"merge_at": [0.75], "cascade": [0.0, 0.3, 0.55], "shape": "geometric", "q": 0.6,
                     "band": "high", "axis": "grid"},

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import generate, greedy_without_cache
+from conftest import VISION_FAMILIES, generate, greedy_without_cache, schedule_for
 
 import luvc
 from luvc import CompileError, ScheduleError, UnsupportedModelError
 from luvc.examples import build_model
+from luvc.models import find_adapter
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -33,26 +34,24 @@ def test_identity_in_bf16(family, single_image_inputs):
 
 
 @pytest.mark.parametrize("schedule", ["luvc-default", "luvc-mild", "luvc-aggressive"])
-def test_cached_generate_matches_recomputing_the_prompt(schedule, mixed_batch_inputs, tiny_model):
+def test_cached_generate_matches_recomputing_the_prompt(schedule, family, mixed_batch_inputs, tiny_model):
     """Each layer caches only what it kept: decoding with the cache equals re-running the full prompt."""
-    luvc.compile(tiny_model, schedule)
+    luvc.compile(tiny_model, schedule_for(family, schedule))
     cached = generate(tiny_model, mixed_batch_inputs)
     assert torch.equal(cached, greedy_without_cache(tiny_model, mixed_batch_inputs, 4))
 
 
-#: Families whose LLM sees its image tokens in another layout than the encoder's grid (tiles stitched with
-#: newline tokens): SPU's grid axis has no grid there.
-NO_LLM_GRID = {"llava-onevision-tiny"}
-
-
 def test_detail_preset_scores_each_image_on_its_own_grid(family, mixed_batch_inputs, tiny_model):
     """luvc-detail (SPU on each image's 2-D grid) generates with the KV cache as recomputation does, and reaches
-    zero visual tokens; where the family gives no grid, compile says so, at the step's line, with the fix."""
-    if family in NO_LLM_GRID:
-        with pytest.raises(ScheduleError, match=r"(?s)preset:luvc-detail:\d+: llm\[0\].params: spectrum_prune with "
-                           r"these params needs each image's token grid in the LLM.*llava_onevision adapter does "
+    zero visual tokens; where the family gives no grid (LLaVA-OneVision's tiles stitched with newline tokens,
+    the generic path's opaque features), compile says so, at the step's line, with the fix."""
+    adapter = find_adapter(tiny_model)
+    if "llm_grid" not in adapter.capabilities:
+        source = "preset:luvc-detail" if family in VISION_FAMILIES else "<dict>"
+        with pytest.raises(ScheduleError, match=rf"(?s){source}(:\d+)?: llm\[0\].params: spectrum_prune with "
+                           rf"these params needs each image's token grid in the LLM.*{adapter.name} adapter does "
                            r"not provide.*use axis: hidden"):
-            luvc.compile(tiny_model, "luvc-detail")
+            luvc.compile(tiny_model, schedule_for(family, "luvc-detail"))
         return
     luvc.compile(tiny_model, "luvc-detail")
     cached = generate(tiny_model, mixed_batch_inputs)
@@ -101,15 +100,15 @@ def test_detail_scores_an_image_the_same_whatever_else_is_in_the_batch(astronaut
 def test_compressed_generate_in_bf16(family, mixed_batch_inputs):
     model = build_model(family, dtype=torch.bfloat16)
     inputs = {k: (v.bfloat16() if k.startswith("pixel") else v) for k, v in mixed_batch_inputs.items()}
-    luvc.compile(model, "luvc-default")
+    luvc.compile(model, schedule_for(family, "luvc-default"))
     out = generate(model, inputs)
     assert out.shape == (3, 4)
     assert luvc.ledger(model)[-1].visual == [0, 0, 0]
 
 
-def test_ledger_accounts_for_every_visual_token(mixed_batch_inputs, tiny_model):
+def test_ledger_accounts_for_every_visual_token(family, mixed_batch_inputs, tiny_model):
     """Per sample, LLM visual tokens at entry = tokens at the final layer + everything the transforms removed."""
-    luvc.compile(tiny_model, "luvc-default")
+    luvc.compile(tiny_model, schedule_for(family, "luvc-default"))
     logits = tiny_model(**mixed_batch_inputs).logits
     rows = [r for r in luvc.ledger(tiny_model) if r.site == "llm"]
     first, last = rows[0].visual, rows[-1].visual
@@ -122,6 +121,7 @@ def test_ledger_accounts_for_every_visual_token(mixed_batch_inputs, tiny_model):
                if len(r.visual) == len(s.visual))
 
 
+@pytest.mark.parametrize("family", VISION_FAMILIES)
 def test_merged_grid_reaches_the_llm(single_image_inputs, tiny_model):
     """After OIM, the LLM receives the merged grid's tokens: fewer than the caller's placeholders."""
     luvc.compile(tiny_model, "luvc-default")
@@ -133,11 +133,11 @@ def test_merged_grid_reaches_the_llm(single_image_inputs, tiny_model):
     assert [r.visual for r in luvc.ledger(tiny_model) if r.site == "llm"][0] == [features.luvc_counts[0]]
 
 
-def test_uncompile_restores_outputs_and_structure(single_image_inputs, tiny_model):
+def test_uncompile_restores_outputs_and_structure(family, single_image_inputs, tiny_model):
     ref = tiny_model(**single_image_inputs).logits
     keys = list(tiny_model.state_dict())
     classes = {name: type(m) for name, m in tiny_model.named_modules()}
-    luvc.compile(tiny_model, "luvc-default")
+    luvc.compile(tiny_model, schedule_for(family, "luvc-default"))
     assert not torch.allclose(tiny_model(**single_image_inputs).logits[0, -1], ref[0, -1])
     luvc.uncompile(tiny_model)
     assert torch.equal(tiny_model(**single_image_inputs).logits, ref)
@@ -165,7 +165,7 @@ def test_uncompile_says_what_it_could_not_restore(monkeypatch):
 def test_compile_twice_and_uncompile_uncompiled_are_errors(tiny_model):
     luvc.compile(tiny_model, "identity")
     with pytest.raises(CompileError, match=r"luvc.uncompile\(model\) first"):
-        luvc.compile(tiny_model, "luvc-default")
+        luvc.compile(tiny_model, "luvc-llm")
     luvc.uncompile(tiny_model)
     with pytest.raises(CompileError, match="not compiled"):
         luvc.uncompile(tiny_model)
@@ -192,10 +192,10 @@ def test_unsupported_attention_is_refused(tiny_model):
         luvc.compile(tiny_model, "identity")
 
 
-def test_text_only_prompt_runs_through_the_compiled_model(tiny_model):
+def test_text_only_prompt_runs_through_the_compiled_model(family, tiny_model):
     ids = torch.tensor([[1, 5, 6, 7]])
     ref = tiny_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
-    luvc.compile(tiny_model, "luvc-default")
+    luvc.compile(tiny_model, schedule_for(family, "luvc-default"))
     assert torch.equal(tiny_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False), ref)
 
 
@@ -212,13 +212,13 @@ def test_gpu_identity_and_compressed_generate(attn, family, mixed_batch_inputs):
     luvc.compile(model, "identity")
     assert torch.equal(generate(model, inputs), ref)
     luvc.uncompile(model)
-    luvc.compile(model, "luvc-default")
+    luvc.compile(model, schedule_for(family, "luvc-default"))
     assert generate(model, inputs).shape == ref.shape
     assert luvc.ledger(model)[-1].visual == [0, 0, 0]
 
 
 @pytest.mark.parametrize("options", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True)])
-def test_beams_and_multiple_sequences(options, mixed_batch_inputs, tiny_model):
+def test_beams_and_multiple_sequences(options, family, mixed_batch_inputs, tiny_model):
     """generate() expands the compressed vision outputs per sample; identity still matches exactly."""
     torch.manual_seed(0)
     ref = tiny_model.generate(**mixed_batch_inputs, max_new_tokens=3, **options)
@@ -226,18 +226,18 @@ def test_beams_and_multiple_sequences(options, mixed_batch_inputs, tiny_model):
     torch.manual_seed(0)
     assert torch.equal(tiny_model.generate(**mixed_batch_inputs, max_new_tokens=3, **options), ref)
     luvc.uncompile(tiny_model)
-    luvc.compile(tiny_model, "luvc-default")
+    luvc.compile(tiny_model, schedule_for(family, "luvc-default"))
     assert tiny_model.generate(**mixed_batch_inputs, max_new_tokens=3, **options).shape == ref.shape
 
 
 def test_per_layer_outputs_are_refused_not_faked(single_image_inputs, tiny_model):
-    luvc.compile(tiny_model, "luvc-default")
+    luvc.compile(tiny_model, "luvc-llm")
     with pytest.raises(CompileError, match="output_hidden_states is not available"):
         tiny_model(**single_image_inputs, output_hidden_states=True)
 
 
 def test_an_unknown_forward_keyword_is_refused_not_dropped(single_image_inputs, tiny_model):
-    luvc.compile(tiny_model, "luvc-default")
+    luvc.compile(tiny_model, "luvc-llm")
     with pytest.raises(CompileError, match=r"got 'cu_seq_lens_q', which a luvc-compiled model does not use"):
         tiny_model(**single_image_inputs, cu_seq_lens_q=torch.tensor([0, 4]))
 
@@ -257,17 +257,18 @@ def test_a_saved_compiled_model_compiles_itself_from_its_config(tmp_path, single
     from transformers import AutoModelForImageTextToText
 
     model = build_model(family)
-    luvc.compile(model, "luvc-mild")
+    schedule = luvc.load_schedule(schedule_for(family, "luvc-mild"))
+    luvc.compile(model, schedule)
     expected = model(**single_image_inputs).logits
     model.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()  # plain transformers loads it
     assert type(loaded) is type(build_model(family))
-    assert loaded.config.luvc_schedule["name"] == "luvc-mild"
+    assert loaded.config.luvc_schedule["name"] == schedule.name
     luvc.compile(loaded)
-    assert loaded._luvc.schedule == luvc.load_schedule("luvc-mild")
+    assert loaded._luvc.schedule == schedule
     torch.testing.assert_close(loaded(**single_image_inputs).logits, expected)
     luvc.uncompile(loaded)
-    assert loaded.config.luvc_schedule["name"] == "luvc-mild"  # as loaded
+    assert loaded.config.luvc_schedule["name"] == schedule.name  # as loaded
     luvc.uncompile(model)
     assert not hasattr(model.config, "luvc_schedule")
     with pytest.raises(CompileError, match="no schedule given, and this .* config has no luvc_schedule"):

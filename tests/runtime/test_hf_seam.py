@@ -90,13 +90,20 @@ def test_qwen_vision_rotary_is_the_qwen2_vl_towers_own():
     assert rk.shape == k.shape
 
 
+#: Families whose LLM rotates interleaved pairs (Cohere's), not the two halves of each head.
+INTERLEAVED_ROTARY = {"aya-vision-tiny"}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rotary_function_rotates_every_llms_heads(family):
     q, k = torch.randn(2, 1, 2, 5, 8).unbind(0)  # [B, H, S, d]
     angle = torch.rand(1, 5, 8)
     rq, rk = hf.rotary_function(_decoder_layers(family)[0].self_attn)(q, k, angle.cos(), angle.sin())
     for x, rx in ((q, rq), (k, rk)):
-        rotated = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
+        if family in INTERLEAVED_ROTARY:
+            rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+        else:
+            rotated = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
         torch.testing.assert_close(rx, x * angle.cos()[:, None] + rotated * angle.sin()[:, None])
 
 
@@ -145,6 +152,19 @@ def test_each_family_returns_the_output_class_luvc_builds(family):
     assert type(inner) is declared
     fields = {f.name for f in dataclasses.fields(declared)}
     assert {"last_hidden_state", hf.CACHE_KWARG} <= fields
+
+
+def test_inner_output_class_is_what_the_inner_forward_is_annotated_to_return():
+    from transformers import LlavaNextModel, SmolVLMModel
+
+    assert hf.inner_output_class(LlavaNextModel).__name__ == "LlavaNextModelOutputWithPast"
+    assert hf.inner_output_class(SmolVLMModel) is hf.SmolVLMBaseModelOutputWithPast
+
+    class Unannotated(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    assert hf.inner_output_class(Unannotated) is hf.MultimodalOutput
 
 
 def test_vision_output_class_has_pooled_features():
