@@ -55,3 +55,13 @@ def test_figures_script_runs(tmp_path):
         sys.path.pop(0)
     for path in gen_figures.main(tmp_path):
         assert path.stat().st_size > 10_000
+
+
+def test_support_matrix_is_the_registry():
+    """docs/support.md's adapter table is what ``python -m luvc.models.support`` generates from the registry."""
+    from luvc.models.support import BEGIN, END, support_table
+
+    page = (ROOT / "docs" / "support.md").read_text()
+    assert page.count(BEGIN) == 1 and page.count(END) == 1
+    shown = page[page.index(BEGIN):page.index(END) + len(END)]
+    assert shown == support_table(), "regenerate it: python -m luvc.models.support"
