@@ -29,7 +29,7 @@ def test_builtins_are_registered_as_plugins():
             "random_drop", "uniform_pool"} <= set(registry.transforms)
     assert [a.name for a in registry.adapters] == ["qwen2_vl", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl",
                                                    "qwen3_vl_moe", "llava", "internvl", "idefics3", "gemma3",
-                                                   "llava_onevision"]
+                                                   "llava_onevision", "smolvlm", "generic"]
     names = {p.name: p.distribution for p in registry.plugins()}
     assert names["luvc.transforms.spectrum_prune"] == "luvc (built-in)"
 
