@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import generate, greedy_without_cache
+from conftest import VISION_FAMILIES, generate, greedy_without_cache
 
 import luvc
 from luvc.examples import build_model, model_config, vlm_inputs
@@ -88,13 +88,21 @@ def test_recomputed_attention_rows_equal_eager_probabilities(family, layer, astr
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_compiles_meets_its_budget_and_generates(method, family, mixed_batch_inputs):
-    """Cached generate equals recomputing the prompt; each step removes exactly its planned count; text is kept."""
+    """Cached generate equals recomputing the prompt; each step removes exactly its planned count; text is kept.
+    A family without the vision stage refuses a vision-side method at compile time instead."""
     model = build_model(family)
+    if get_registry().transforms[method].site == "vision" and family not in VISION_FAMILIES:
+        with pytest.raises(luvc.ScheduleError, match="runs in the vision stage, which the generic adapter"):
+            luvc.compile(model, _placed(method, model))
+        return
     luvc.compile(model, _placed(method, model))
     cached = model.generate(**mixed_batch_inputs, max_new_tokens=3, do_sample=False)[:, -3:]
     assert cached.shape == (3, 3)
     if method in QUERY_DEPENDENT:  # ranked by the newest token: re-running a longer prompt prunes differently
-        first = model(**mixed_batch_inputs).logits[:, -1].argmax(-1)
+        # positions as generate numbers a left-padded prompt (a plain forward would count the padding)
+        mask = mixed_batch_inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        first = model(**mixed_batch_inputs, position_ids=positions).logits[:, -1].argmax(-1)
         assert torch.equal(cached[:, 0], first)
     else:
         assert torch.equal(cached, greedy_without_cache(model, mixed_batch_inputs, 3))
@@ -155,10 +163,12 @@ def test_random_drop_is_seeded(tiny_model, single_image_inputs):
     assert torch.equal(tiny_model(**single_image_inputs).logits, first)
 
 
-def test_visionzip_without_a_block_before_it_is_refused_at_compile_time(tiny_model):
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_visionzip_without_a_block_before_it_is_refused_at_compile_time(family):
+    model = build_model(family)
     with pytest.raises(luvc.ScheduleError, match="no block runs right before it"):
-        luvc.compile(tiny_model, _schedule("vision", "visionzip", 0, keep=0.3))
-    assert not hasattr(tiny_model, "luvc_graph")
+        luvc.compile(model, _schedule("vision", "visionzip", 0, keep=0.3))
+    assert not hasattr(model, "luvc_graph")
 
 
 def test_received_attention_is_the_mean_softmax_column_in_chunks():
