@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, schedule_for
 
 import luvc
 from luvc.examples import build_model
@@ -14,7 +14,7 @@ from luvc.models import find_adapter
 
 accelerate = pytest.importorskip("accelerate")
 
-SCHEDULE = "luvc-default"
+SCHEDULE = "luvc-default"  # its LLM steps alone on a generic-path family (schedule_for)
 
 
 def device_map(model: torch.nn.Module, first, second) -> dict[str, object]:
@@ -55,8 +55,15 @@ def prepared(family: str, layout: str, order: str, offload_dir) -> torch.nn.Modu
     """A compiled tiny model dispatched with ``layout``, before (``dispatch-first``) or after compile."""
     model = build_model(family)
     if order == "dispatch-first":
-        return luvc.compile(dispatch(model, layout, offload_dir), SCHEDULE)
-    return dispatch(luvc.compile(model, SCHEDULE), layout, offload_dir)
+        return luvc.compile(dispatch(model, layout, offload_dir), schedule_for(family, SCHEDULE))
+    return dispatch(luvc.compile(model, schedule_for(family, SCHEDULE)), layout, offload_dir)
+
+
+#: Layouts under which transformers' own uncompiled model fails, so there is nothing to match.
+UNCOMPILED_FAILS = {
+    ("aya-vision-tiny", "all-disk"): "transformers' AyaVision fails uncompiled with every part on disk "
+                                     "(a tensor left on the meta device)",
+}
 
 
 def hooks_of(model: torch.nn.Module) -> dict[str, tuple]:
@@ -69,7 +76,9 @@ def hooks_of(model: torch.nn.Module) -> dict[str, tuple]:
 @pytest.mark.parametrize("layout", list(MAPS))
 @pytest.mark.parametrize("order", ["dispatch-first", "compile-first"])
 def test_dispatched_compiled_model_matches_it_without_hooks(family, layout, order, single_image_inputs, tmp_path):
-    reference = luvc.compile(build_model(family), SCHEDULE)
+    if (family, layout) in UNCOMPILED_FAILS:
+        pytest.skip(UNCOMPILED_FAILS[family, layout])
+    reference = luvc.compile(build_model(family), schedule_for(family, SCHEDULE))
     model = prepared(family, layout, order, tmp_path)
     assert hooks_of(model), "accelerate attached no hook: the test would prove nothing"
     expected = reference(**single_image_inputs).logits[:, -1]
@@ -85,7 +94,7 @@ def test_dispatched_compiled_model_matches_it_without_hooks(family, layout, orde
 def test_uncompile_gives_the_dispatched_model_back_its_hooks(family, layout, single_image_inputs, tmp_path):
     model = dispatch(build_model(family), layout, tmp_path)
     before, expected = hooks_of(model), model(**single_image_inputs).logits
-    luvc.uncompile(luvc.compile(model, SCHEDULE))
+    luvc.uncompile(luvc.compile(model, schedule_for(family, SCHEDULE)))
     assert hooks_of(model) == before
     torch.testing.assert_close(model(**single_image_inputs).logits, expected, rtol=0, atol=0)
 
@@ -104,13 +113,15 @@ def test_a_model_dispatched_while_compiled_runs_uncompressed_after_uncompile(fam
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("order", ["dispatch-first", "compile-first"])
 def test_cuda_with_cpu_offload_matches_the_model_on_one_gpu(family, order, single_image_inputs, tmp_path):
-    reference = luvc.compile(build_model(family).to("cuda"), SCHEDULE)
+    reference = luvc.compile(build_model(family).to("cuda"), schedule_for(family, SCHEDULE))
     model = build_model(family)
     layout = device_map(model, 0, "cpu")  # the second half of the LLM offloaded to CPU, run on GPU 0
     if order == "dispatch-first":
-        model = luvc.compile(accelerate.dispatch_model(model, device_map=layout, main_device=0), SCHEDULE)
+        model = luvc.compile(accelerate.dispatch_model(model, device_map=layout, main_device=0),
+                             schedule_for(family, SCHEDULE))
     else:
-        model = accelerate.dispatch_model(luvc.compile(model, SCHEDULE), device_map=layout, main_device=0)
+        model = accelerate.dispatch_model(luvc.compile(model, schedule_for(family, SCHEDULE)), device_map=layout,
+                                          main_device=0)
     inputs = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in single_image_inputs.items()}
     torch.testing.assert_close(model(**inputs).logits[:, -1], reference(**inputs).logits[:, -1],
                                rtol=1e-4, atol=1e-4)

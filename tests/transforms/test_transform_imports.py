@@ -29,7 +29,7 @@ def imported_modules(source: str) -> set[str]:
 
 def test_the_check_sees_plain_from_and_relative_imports():
     source = "import luvc.runtime.llm\nfrom luvc import models\nfrom ..runtime import hf\n"
-    assert {"luvc.runtime.llm", "luvc.models", "luvc.hf"} <= imported_modules(source)
+    assert {"luvc.runtime.llm", "luvc.models", "luvc.runtime.hf"} <= imported_modules(source)
 
 
 @pytest.mark.parametrize("path", sorted(TRANSFORMS.glob("*.py")), ids=lambda p: p.name)
