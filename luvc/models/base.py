@@ -19,14 +19,13 @@ from luvc.runtime.llm import DecoderLayerNode, FinalNormNode, check_attention
 class FamilyAdapter:
     """Base of the built-in adapters (``luvc.registry.adapter.ModelAdapter``).
 
-    A family sets ``name``, ``architectures``, ``model_class`` (what ``matches``
-    checks), ``compiled_mixin`` (the compiled inner forward) and, where merged
+    A family sets ``name``, ``model_class`` (what ``matches`` checks; its class
+    name is the adapter's one architecture), ``compiled_mixin`` (the compiled inner forward) and, where merged
     tokens reach the tower's attention, ``sized_attention``; it names its
     ``vision_blocks`` and makes a ``block_node`` of each and its ``projector_node``.
     """
 
     name: str
-    architectures: tuple[str, ...]
     capabilities: frozenset[str] = frozenset()
     #: the schedule stages whose transforms this adapter runs (``luvc.compile`` refuses steps of others)
     stages: frozenset[str] = frozenset({"vision", "llm"})
@@ -41,6 +40,16 @@ class FamilyAdapter:
     #: named example sizes (``luvc.examples``): ``text`` and ``vision`` config keywords, plus family extras.
     #: The first is the family's tiny model, on which the family-parametrised tests run.
     examples: dict[str, dict] = {}
+
+    @property
+    def architectures(self) -> tuple[str, ...]:
+        """The class names this adapter handles: its ``model_class``'s."""
+        return (self.model_class.__name__,)
+
+    @property
+    def config_class(self) -> type:
+        """The transformers config class of ``model_class`` (what ``example_config`` builds)."""
+        return self.model_class.config_class
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_class)

@@ -93,7 +93,6 @@ class Gemma3Adapter(FamilyAdapter):
     """Adapter for ``Gemma3ForConditionalGeneration`` (SigLIP, pooled soft tokens, Gemma 3 LLM)."""
 
     name = "gemma3"
-    architectures = ("Gemma3ForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
     model_class = Gemma3ForConditionalGeneration
     compiled_mixin = CompiledGemma3Model

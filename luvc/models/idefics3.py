@@ -68,7 +68,6 @@ class Idefics3Adapter(FamilyAdapter):
     """Adapter for ``Idefics3ForConditionalGeneration``."""
 
     name = "idefics3"
-    architectures = ("Idefics3ForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
     model_class = Idefics3ForConditionalGeneration
     compiled_mixin = CompiledIdefics3Model

@@ -133,7 +133,6 @@ class InternVLAdapter(FamilyAdapter):
     """Adapter for ``InternVLForConditionalGeneration`` (InternViT, pixel-shuffle MLP projector, Qwen2 LLM)."""
 
     name = "internvl"
-    architectures = ("InternVLForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
     model_class = InternVLForConditionalGeneration
     compiled_mixin = CompiledInternVLModel  # its layer node weighs sizes itself: no attention swapped

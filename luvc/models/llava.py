@@ -130,7 +130,6 @@ class LlavaAdapter(FamilyAdapter):
     """Adapter for ``LlavaForConditionalGeneration`` (CLIP tower, MLP projector, Llama-style LLM)."""
 
     name = "llava"
-    architectures = ("LlavaForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
     model_class = LlavaForConditionalGeneration
     compiled_mixin = CompiledLlavaModel

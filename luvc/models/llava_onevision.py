@@ -141,7 +141,6 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     LLaVA's stack (blocks up to the feature layer, projector, decoder) and checks, its own compiled forward."""
 
     name = "llava_onevision"
-    architectures = ("LlavaOnevisionForConditionalGeneration",)
     capabilities = frozenset()  # tiles stitched with newline tokens: no image grid in the LLM
     model_class = LlavaOnevisionForConditionalGeneration
     compiled_mixin = CompiledLlavaOnevisionModel

@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from luvc.fx.nodes import StackNode
 from luvc.hf import get_vision_window_index
@@ -71,10 +71,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     """Adapter for ``Qwen2_5_VLForConditionalGeneration``."""
 
     name = "qwen2_5_vl"
-    architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_class = Qwen2_5_VLForConditionalGeneration
     compiled_mixin = CompiledQwen2_5_VLModel
-    config_class = Qwen2_5_VLConfig
     _vision_out_key = "out_hidden_size"
     examples = {
         # Windowed vision attention (window 112 px) with full attention in a few blocks.

@@ -22,7 +22,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from luvc import hf
 from luvc.fx.nodes import StackNode, captured_output
@@ -124,7 +124,6 @@ class Qwen2VLAdapter(FamilyAdapter):
     """Adapter for ``Qwen2VLForConditionalGeneration``."""
 
     name = "qwen2_vl"
-    architectures = ("Qwen2VLForConditionalGeneration",)
     capabilities = frozenset({"llm_grid"})
     model_class: type = Qwen2VLForConditionalGeneration
     compiled_mixin: type  # set below: CompiledQwen2VLModel
@@ -159,7 +158,6 @@ class Qwen2VLAdapter(FamilyAdapter):
         super().uninstall(model, record)
         hf.reset_rope_deltas(model.model)
 
-    config_class: type = Qwen2VLConfig
     examples = {
         # Small enough for property tests: 4 vision blocks, 4 decoder layers.
         "qwen2-vl-tiny": dict(text=TINY_TEXT | mrope([2, 3, 3], 1e4),

@@ -29,9 +29,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 from transformers import (
-    Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
-    Qwen3_5MoeConfig,
     Qwen3_5MoeForConditionalGeneration,
 )
 
@@ -137,10 +135,8 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     """Adapter for ``Qwen3_5ForConditionalGeneration``."""
 
     name = "qwen3_5"
-    architectures = ("Qwen3_5ForConditionalGeneration",)
     model_class = Qwen3_5ForConditionalGeneration
     compiled_mixin = CompiledQwen3_5Model
-    config_class = Qwen3_5Config
     _vision_out_key = "out_hidden_size"
     examples = {
         # Layers 0-2 Gated DeltaNet, layer 3 full attention (full_attention_interval 4); partial M-RoPE
@@ -215,10 +211,8 @@ class Qwen3_5MoeAdapter(Qwen3_5Adapter):
     """Adapter for ``Qwen3_5MoeForConditionalGeneration``: Qwen3.5 with sparse mixture-of-experts MLPs."""
 
     name = "qwen3_5_moe"
-    architectures = ("Qwen3_5MoeForConditionalGeneration",)
     model_class = Qwen3_5MoeForConditionalGeneration
     compiled_mixin = CompiledQwen3_5MoeModel
-    config_class = Qwen3_5MoeConfig
     examples = {
         "qwen3.5-moe-tiny": dict(
             text=dict({k: v for k, v in Qwen3_5Adapter.examples["qwen3.5-tiny"]["text"].items()

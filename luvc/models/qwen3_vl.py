@@ -33,9 +33,7 @@ import torch
 from torch import Tensor, nn
 from transformers import (
     Qwen2VLImageProcessorPil,
-    Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
-    Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
 )
 
@@ -179,10 +177,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """Adapter for ``Qwen3VLForConditionalGeneration``."""
 
     name = "qwen3_vl"
-    architectures = ("Qwen3VLForConditionalGeneration",)
     model_class = Qwen3VLForConditionalGeneration
     compiled_mixin = CompiledQwen3VLModel
-    config_class = Qwen3VLConfig
     _vision_out_key = "out_hidden_size"
     examples = {
         "qwen3-vl-tiny": dict(text=_text(64, 128, 4, 4, 2, 16, [2, 3, 3], 10000.0), vision=_TINY_VISION),
@@ -248,10 +244,8 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     """Adapter for ``Qwen3VLMoeForConditionalGeneration``: Qwen3-VL with mixture-of-experts MLPs in the LLM."""
 
     name = "qwen3_vl_moe"
-    architectures = ("Qwen3VLMoeForConditionalGeneration",)
     model_class = Qwen3VLMoeForConditionalGeneration
     compiled_mixin = CompiledQwen3VLMoeModel
-    config_class = Qwen3VLMoeConfig
     examples = {
         "qwen3-vl-moe-tiny": dict(
             text=_text(64, 128, 4, 4, 2, 16, [2, 3, 3], 10000.0, moe_intermediate_size=32, num_experts=4,

@@ -26,7 +26,6 @@ class SmolVLMAdapter(Idefics3Adapter):
     """Adapter for ``SmolVLMForConditionalGeneration``."""
 
     name = "smolvlm"
-    architectures = ("SmolVLMForConditionalGeneration",)
     model_class = SmolVLMForConditionalGeneration
     compiled_mixin = CompiledSmolVLMModel
     examples = {
