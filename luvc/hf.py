@@ -25,11 +25,10 @@ from itertools import chain
 from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as MultimodalOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip import modeling_clip as _clip
 from transformers.models.gemma3.modeling_gemma3 import Gemma3ModelOutputWithPast
@@ -53,11 +52,6 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
-try:  # transformers >= 5.24: multimodal inner models return their encoder outputs too
-    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as MultimodalOutput
-except ImportError:
-    MultimodalOutput = BaseModelOutputWithPast
-
 __all__ = [
     "BaseModelOutputWithPast", "BaseModelOutputWithPooling", "CACHE_KWARG", "CLIP_EAGER_ATTENTION", "DynamicCache",
     "DynamicLayer", "Gemma3ModelOutputWithPast", "Idefics3BaseModelOutputWithPast", "InternVLModelOutputWithPast",
@@ -79,8 +73,9 @@ def smart_resize(height: int, width: int, factor: int, **bounds: int) -> tuple[i
     return resize(height, width, factor=factor, **bounds)
 
 
-#: The keyword transformers' decoder layers and models take the KV cache under (renamed ``cache`` in 5.24).
-CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+#: The keyword transformers' decoder layers and models take the KV cache under (``past_key_values`` before 5.24,
+#: the oldest release luvc admits).
+CACHE_KWARG = "cache"
 
 #: Eager attention of Qwen2-VL's vision tower (``[1, H, N, d]`` heads): the fallback ``attention_function`` gets
 #: for size-weighted Qwen-style vision attention.
