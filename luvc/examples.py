@@ -49,7 +49,10 @@ def model_config(name: str = "qwen2-vl-tiny", layers: int | None = None, vision_
     text = {**TEXT_DEFAULTS, **spec["text"]}
     if layers is not None:
         text["num_hidden_layers"] = layers
-    return adapter.example_config(text, dict(spec["vision"]), spec, vision_layers)
+    vision = dict(spec["vision"])
+    if vision_layers is not None:
+        adapter.shorten_tower(vision, vision_layers)
+    return adapter.example_config(text, vision, spec)
 
 
 def build_model(name: str = "qwen2-vl-tiny", attn: str = "sdpa", seed: int = 0,

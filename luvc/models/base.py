@@ -108,9 +108,13 @@ class FamilyAdapter:
         """The model class an example (``spec``, its entry in ``examples``) is built as."""
         return self.model_class
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+    def shorten_tower(self, vision: dict, layers: int) -> None:
+        """Change an example's ``vision`` config keywords, in place, so its tower runs ``layers`` blocks."""
+        vision["num_hidden_layers"] = layers
+
+    def example_config(self, text: dict, vision: dict, spec: dict):
         """The transformers config of an example: ``text`` and ``vision`` config keywords, ``spec`` its
-        entry in ``examples``, ``vision_layers`` a shorter vision depth (None: as given)."""
+        entry in ``examples``."""
         raise NotImplementedError(f"the {self.name} adapter has no example configs")
 
     def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:

@@ -152,9 +152,7 @@ class Gemma3Adapter(FamilyAdapter):
         ),
     }
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
+    def example_config(self, text: dict, vision: dict, spec: dict):
         pattern = text.pop("sliding_window_pattern")
         text["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                                for i in range(text["num_hidden_layers"])]

@@ -166,9 +166,7 @@ class GenericAdapter(FamilyAdapter):
     def example_class(self, spec: dict) -> type:
         return generic_examples.FAMILIES[spec["family"]].model_class
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
+    def example_config(self, text: dict, vision: dict, spec: dict):
         return generic_examples.FAMILIES[spec["family"]].config(text, vision)
 
     def example_inputs(self, config, images, videos, prompts, pixels: int) -> dict:

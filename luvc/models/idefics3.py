@@ -101,9 +101,7 @@ class Idefics3Adapter(FamilyAdapter):
         "idefics3-364-tiny": dict(text=TINY_TEXT, vision=tiny_tower(image_size=364)),
     }
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
+    def example_config(self, text: dict, vision: dict, spec: dict):
         config = Idefics3Config(vision_config=Idefics3VisionConfig(**vision), text_config=LlamaConfig(**text),
                                 image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=False)
         config.image_seq_length = (vision["image_size"] // vision["patch_size"] // 2) ** 2

@@ -169,9 +169,7 @@ class InternVLAdapter(FamilyAdapter):
         "internvl-448-tiny": dict(text=TINY_TEXT, vision=tiny_tower(image_size=448)),
     }
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
+    def example_config(self, text: dict, vision: dict, spec: dict):
         side = vision["image_size"] // vision["patch_size"]
         vision.update(image_size=[vision["image_size"]] * 2, patch_size=[vision["patch_size"]] * 2)
         return InternVLConfig(vision_config=InternVLVisionConfig(**vision), text_config=Qwen2Config(**text),

@@ -182,9 +182,11 @@ class LlavaAdapter(FamilyAdapter):
     #: CLIP's normalisation (mean, std)
     normalisation = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        if vision_layers is not None:  # LLaVA counts the blocks that run: its feature layer is the second-to-last
-            vision["num_hidden_layers"] = vision_layers + 1
+    def shorten_tower(self, vision: dict, layers: int) -> None:
+        """``layers`` blocks run: the tower has one more, as LLaVA reads the second-to-last layer."""
+        vision["num_hidden_layers"] = layers + 1
+
+    def example_config(self, text: dict, vision: dict, spec: dict):
         return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
                            image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
                            vision_feature_select_strategy="default",

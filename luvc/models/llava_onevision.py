@@ -41,6 +41,7 @@ from luvc.hf import (
     image_size_to_num_patches,
     unpad_image,
 )
+from luvc.models.base import FamilyAdapter
 from luvc.models.example_inputs import IMAGE_TOKEN, TINY_TEXT, VIDEO_TOKEN, padded, square_pixels, tiny_tower
 from luvc.models.llava import CompiledLlavaModel, LlavaAdapter
 from luvc.registry import hookimpl
@@ -162,9 +163,9 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         ),
     }
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
+    shorten_tower = FamilyAdapter.shorten_tower  # it reads the last layer: every block runs
+
+    def example_config(self, text: dict, vision: dict, spec: dict):
         return LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
                                     image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
                                     image_grid_pinpoints=spec["pinpoints"], vision_feature_layer=-1,

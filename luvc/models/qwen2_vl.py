@@ -177,14 +177,15 @@ class Qwen2VLAdapter(FamilyAdapter):
         "qwen2-vl-7b": dict(text=QWEN_7B_TEXT, vision=_RELEASED_TOWER),
     }
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+    def shorten_tower(self, vision: dict, layers: int) -> None:
+        """Qwen towers count blocks as ``depth``; full-attention blocks past the cut move to its last block."""
+        vision["depth"] = layers
+        if "fullatt_block_indexes" in vision:
+            vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < layers] or [layers - 1]
+
+    def example_config(self, text: dict, vision: dict, spec: dict):
         vision = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision}
         vision[self._vision_out_key] = text["hidden_size"]
-        if vision_layers is not None:
-            vision["depth"] = vision_layers
-            if "fullatt_block_indexes" in vision:
-                vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"]
-                                                   if i < vision_layers] or [vision_layers - 1]
         tie = text.pop("tie_word_embeddings", True)
         return self.config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
                                  video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,

@@ -194,10 +194,10 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
                 rates = torch.empty(mixer.A_log.shape).uniform_(0.001, 0.01, generator=generator)
                 mixer.A_log.data.copy_(rates.log())
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
+    def example_config(self, text: dict, vision: dict, spec: dict):
         vision = dict(vision, rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
         vision.setdefault("patch_size", 16)
-        return super().example_config(text, vision, spec, vision_layers)
+        return super().example_config(text, vision, spec)
 
     def _example_placeholders(self, kind: str, grid: list[int], tokens: list[int]) -> list[int]:
         """Images as Qwen2-VL's; a video as one start-placeholders-end run per temporal patch."""

@@ -214,11 +214,13 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                    max_pixels: int = 16 * 16 * 4 * 16384) -> tuple[tuple[int, int, int], int]:
         return super().input_grid(model, height, width, frames, max_pixels)
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        vision = {"patch_size": 16, **vision}
-        if vision_layers is not None:
-            vision["deepstack_visual_indexes"] = [i for i in vision["deepstack_visual_indexes"] if i < vision_layers]
-        return super().example_config(dict(text), vision, spec, vision_layers)
+    def shorten_tower(self, vision: dict, layers: int) -> None:
+        """As Qwen2-VL's, and only the DeepStack blocks before the cut still feed the LLM."""
+        super().shorten_tower(vision, layers)
+        vision["deepstack_visual_indexes"] = [i for i in vision["deepstack_visual_indexes"] if i < layers]
+
+    def example_config(self, text: dict, vision: dict, spec: dict):
+        return super().example_config(dict(text), {"patch_size": 16, **vision}, spec)
 
     def _example_processor(self, config, pixels: int):
         return Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=pixels, patch_size=16,

@@ -46,9 +46,7 @@ class SmolVLMAdapter(Idefics3Adapter):
         ),
     }
 
-    def example_config(self, text: dict, vision: dict, spec: dict, vision_layers: int | None):
-        if vision_layers is not None:
-            vision["num_hidden_layers"] = vision_layers
+    def example_config(self, text: dict, vision: dict, spec: dict):
         scale = spec.get("scale_factor", 2)
         config = SmolVLMConfig(vision_config=SmolVLMVisionConfig(**vision), text_config=LlamaConfig(**text),
                                image_token_id=IMAGE_TOKEN, scale_factor=scale, tie_word_embeddings=False)
